@@ -1,0 +1,302 @@
+"""One config tree for a run: dataclasses loaded from YAML, overridden by `--section.key=value`.
+
+    cfg = load_config("configs/tiny-cpu.yaml", ["--train.iters=50", "--mod.capacity=0.25"])
+
+`load_config` validates the whole tree once, before any process group starts; every problem is a
+`ConfigError` whose one-line message says what to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line that says the fix."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA; None = one KV head per query head
+    ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size
+    seq_length: int = 128
+    vocab_size: int = 4096  # tokenizer size; the embedding is padded to make_vocab_size_divisible_by
+    make_vocab_size_divisible_by: int = 128
+    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
+    activation: str = "gelu"  # gelu | swiglu
+    position_embedding: str = "rope"  # rope | learned_absolute
+    rotary_base: int = 10000
+    init_method_std: float = 0.02
+    dropout: float = 0.0
+    untie_embeddings: bool = False
+    attention_backend: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | local (megatron)
+
+
+@dataclass
+class MoDConfig:
+    enabled: bool = True
+    capacity: float = 0.125  # fraction of each sequence's tokens a routed layer processes
+    every: int = 2  # route every Nth layer (paper: every other layer)
+    first_routed: int = 1  # 0-based index of the first routed layer (paper keeps layer 0 dense)
+    router_weight: str = "sigmoid"  # sigmoid (bounded, default) | linear (paper's raw score)
+    router_init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    sp: bool = False
+    # dp is implied: world_size // (tp * pp)
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data"
+    corpus: str = "default"  # default = Shakespeare (train/valid) + KJV (held-out); or "custom"
+    train_prefix: Optional[str] = None  # custom: .bin/.idx prefix made by mod-preprocess
+    heldout_prefix: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    split: str = "949,50,1"
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 300
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 30
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    eval_interval: int = 100
+    eval_iters: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/default/checkpoints"
+    save_interval: int = 0  # 0 = only at the end
+    load: bool = True  # resume from `latest` when it exists
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    log_interval: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mod: MoDConfig = field(default_factory=MoDConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Turn a YAML/CLI value into the field's declared type, or raise a ConfigError."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], where)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _section_types(section_obj) -> dict:
+    hints = typing.get_type_hints(type(section_obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_obj)}
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown section '{section}'; allowed: {', '.join(sorted(sections))}")
+    obj = getattr(cfg, section)
+    types = _section_types(obj)
+    if key not in types:
+        raise ConfigError(
+            f"{source}: unknown key '{section}.{key}'; allowed keys in '{section}': {', '.join(sorted(types))}"
+        )
+    setattr(obj, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+
+
+def parse_override(arg: str) -> tuple[str, str, Any]:
+    """'--train.iters=50' -> ('train', 'iters', 50) with YAML typing of the value."""
+    body = arg[2:] if arg.startswith("--") else arg
+    if "=" not in body or "." not in body.split("=", 1)[0]:
+        raise ConfigError(f"override '{arg}': write it as --section.key=value, e.g. --train.iters=50")
+    dotted, raw = body.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Build the config from a YAML file (optional) and overrides; validate; return it."""
+    cfg = Config()
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, mod:, train: ...)")
+        for section, values in data.items():
+            known = {f.name for f in dataclasses.fields(cfg)}
+            if section not in known:
+                raise ConfigError(f"{path}: unknown section '{section}'; allowed: {', '.join(sorted(known))}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section '{section}' must be a mapping of key: value")
+            for key, value in values.items():
+                _apply(cfg, str(section), str(key), value, path)
+    for arg in overrides or []:
+        section, key, value = parse_override(arg)
+        _apply(cfg, section, key, value, f"override {arg}")
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Check the values on their own and against each other; with world_size, the layout too."""
+    m, mod, p, t = cfg.model, cfg.mod, cfg.parallel, cfg.train
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size"):
+        _check(getattr(m, name) > 0, f"model.{name} must be > 0, got {getattr(m, name)}")
+    _check(m.hidden_size % m.num_attention_heads == 0,
+           f"model.num_attention_heads={m.num_attention_heads} must divide model.hidden_size={m.hidden_size}")
+    if m.num_query_groups is not None:
+        _check(m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups == 0,
+               f"model.num_query_groups={m.num_query_groups} must divide num_attention_heads={m.num_attention_heads}")
+    if m.position_embedding == "rope":
+        _check((m.hidden_size // m.num_attention_heads) % 2 == 0,
+               "rope needs an even head dim (hidden_size / num_attention_heads)")
+    _check(m.normalization in ("LayerNorm", "RMSNorm"), f"model.normalization must be LayerNorm or RMSNorm, got {m.normalization!r}")
+    _check(m.activation in ("gelu", "swiglu"), f"model.activation must be gelu or swiglu, got {m.activation!r}")
+    _check(m.position_embedding in ("rope", "learned_absolute"),
+           f"model.position_embedding must be rope or learned_absolute, got {m.position_embedding!r}")
+    _check(m.attention_backend in ("sdpa", "local"), f"model.attention_backend must be sdpa or local, got {m.attention_backend!r}")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+
+    _check(0.0 < mod.capacity <= 1.0, f"mod.capacity must be in (0, 1], got {mod.capacity} (e.g. 0.125 = 12.5% of tokens)")
+    _check(mod.every >= 1, f"mod.every must be >= 1 (1 = every layer routed, 2 = every other), got {mod.every}")
+    _check(0 <= mod.first_routed < m.num_layers,
+           f"mod.first_routed must be a layer index in [0, {m.num_layers - 1}], got {mod.first_routed}")
+    _check(mod.router_weight in ("sigmoid", "linear"), f"mod.router_weight must be sigmoid or linear, got {mod.router_weight!r}")
+
+    for name in ("tp", "pp"):
+        _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    _check(not p.sp or p.tp > 1, "parallel.sp=true needs parallel.tp > 1 (sequence parallel splits over TP ranks)")
+    _check(m.num_attention_heads % p.tp == 0,
+           f"parallel.tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}")
+    if p.sp:
+        _check(m.seq_length % p.tp == 0, f"parallel.sp needs model.seq_length ({m.seq_length}) divisible by parallel.tp ({p.tp})")
+    if p.vpp is not None:
+        _check(p.pp > 1 and p.vpp >= 2, f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp >= 2 (or leave it null)")
+        _check(m.num_layers % (p.pp * p.vpp) == 0,
+               f"model.num_layers={m.num_layers} must split evenly into pp*vpp={p.pp * p.vpp} chunks")
+    _check(m.num_layers >= p.pp, f"model.num_layers={m.num_layers} is fewer than pipeline stages parallel.pp={p.pp}")
+
+    _check(t.iters > 0, f"train.iters must be > 0, got {t.iters}")
+    _check(t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}")
+    _check(t.global_batch_size % t.micro_batch_size == 0,
+           f"train.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size={t.micro_batch_size}")
+    _check(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"need 0 <= train.min_lr <= train.lr and lr > 0 (lr={t.lr}, min_lr={t.min_lr})")
+    _check(0 <= t.warmup_iters <= t.iters, f"train.warmup_iters must be in [0, train.iters={t.iters}], got {t.warmup_iters}")
+    _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
+    _check(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    _check(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 disables), got {t.clip_grad}")
+    _check(t.eval_interval >= 0 and t.eval_iters >= 0, "train.eval_interval and train.eval_iters must be >= 0")
+    _check(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval must be >= 0 (0 = only at the end)")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+    _check(cfg.data.corpus in ("default", "custom"), f"data.corpus must be default or custom, got {cfg.data.corpus!r}")
+    if cfg.data.corpus == "custom":
+        _check(cfg.data.train_prefix is not None and cfg.data.tokenizer_model is not None,
+               "data.corpus=custom needs data.train_prefix and data.tokenizer_model (make them with mod-preprocess)")
+
+    if world_size is not None:
+        mp = p.tp * p.pp
+        _check(world_size % mp == 0,
+               f"world size {world_size} is not divisible by tp*pp={mp}; launch a multiple of {mp} processes")
+        dp = world_size // mp
+        _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+               f"train.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size*dp="
+               f"{t.micro_batch_size * dp}")
+
+
+def ffn_hidden(m: ModelConfig) -> int:
+    return m.ffn_hidden_size if m.ffn_hidden_size is not None else 4 * m.hidden_size
+
+
+def padded_vocab(m: ModelConfig, tp: int = 1) -> int:
+    mult = m.make_vocab_size_divisible_by * tp
+    return int(math.ceil(m.vocab_size / mult) * mult)

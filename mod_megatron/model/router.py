@@ -1,0 +1,69 @@
+"""The MoD router: one linear score per token, expert-choice top-k per sequence.
+
+Given hidden states [S, B, H], the router scores every token, keeps the k = ceil(capacity * S)
+highest-scoring tokens of each sequence (sorted back into their original order, so causal attention
+among the kept tokens is causal in the original sequence) and returns the router weight r of each
+kept token. r multiplies the block's residual branch, which is what trains the router.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def capacity_tokens(seq_len: int, capacity: float) -> int:
+    """k = ceil(capacity * S), at least 1 and at most S."""
+    return max(1, min(seq_len, math.ceil(capacity * seq_len - 1e-9)))
+
+
+def router_weight(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Map raw router logits to the weight r that scales the residual branch.
+
+    `linear` is the paper's raw score (unbounded; large scores can blow up the residual stream);
+    `sigmoid` bounds r to (0, 1) and is the default that trained stably here.
+    """
+    if kind == "sigmoid":
+        return torch.sigmoid(logits)
+    if kind == "linear":
+        return logits
+    raise ValueError(f"unknown router weight {kind!r}")
+
+
+@dataclass
+class Routing:
+    """Which tokens a routed layer processes: `index` [k, B] sorted positions, `weight` [k, B]."""
+
+    index: torch.Tensor
+    weight: torch.Tensor
+    logits: torch.Tensor  # [S, B], raw router scores of every token (for aux losses and stats)
+
+
+def topk_route(logits: torch.Tensor, capacity: float, weight_kind: str) -> Routing:
+    """Expert-choice routing over the sequence dimension of `logits` [S, B]."""
+    seq_len = logits.shape[0]
+    k = capacity_tokens(seq_len, capacity)
+    if k == seq_len:
+        index = torch.arange(seq_len, device=logits.device).unsqueeze(1).expand(seq_len, logits.shape[1])
+    else:
+        index = torch.topk(logits.detach(), k, dim=0, sorted=False).indices
+        index, _ = torch.sort(index, dim=0)
+    weight = router_weight(torch.gather(logits, 0, index), weight_kind)
+    return Routing(index=index, weight=weight, logits=logits)
+
+
+class Router(torch.nn.Module):
+    """A bias-free linear score per token, replicated on every tensor-parallel rank."""
+
+    def __init__(self, hidden_size: int, init_std: float, device=None, dtype=None, sequence_parallel=False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        torch.nn.init.normal_(self.weight, mean=0.0, std=init_std)
+        # With sequence parallelism each TP rank sees a slice of the tokens, so the router's
+        # gradient is partial; megatron-core all-reduces grads of params marked like this over TP.
+        self.weight.sequence_parallel = sequence_parallel
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[S, B, H] -> logits [S, B], computed in fp32."""
+        return torch.matmul(hidden_states.float(), self.weight.float())

@@ -1,0 +1,63 @@
+"""Per-layer specs: dense, MoD, (later MoE/MoDE) models differ only by this list.
+
+`layer_specs(cfg)` returns one megatron-core `ModuleSpec` per layer of the whole model;
+`block_spec(cfg, tcfg, ...)` slices it to the layers one pipeline stage builds, like
+megatron-core's `get_gpt_decoder_block_spec` does for its own specs.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from mod_megatron.config import Config
+from mod_megatron.model.attention import SDPAttention
+from mod_megatron.model.mod_layer import MoDTransformerLayer
+
+
+def is_routed(cfg: Config, layer_index: int) -> bool:
+    """Whether 0-based layer `layer_index` is a MoD (routed) layer."""
+    mod = cfg.mod
+    return mod.enabled and layer_index >= mod.first_routed and (layer_index - mod.first_routed) % mod.every == 0
+
+
+def dense_layer_spec(cfg: Config) -> ModuleSpec:
+    """megatron-core's local (TE-free) layer spec, with SDPA core attention unless asked otherwise."""
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=cfg.model.normalization))
+    if cfg.model.attention_backend == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def mod_layer_spec(cfg: Config) -> ModuleSpec:
+    spec = dense_layer_spec(cfg)
+    spec.module = MoDTransformerLayer
+    spec.params = dict(spec.params or {}, capacity=cfg.mod.capacity, router_weight=cfg.mod.router_weight,
+                       router_init_std=cfg.mod.router_init_std)
+    return spec
+
+
+def layer_specs(cfg: Config) -> list[ModuleSpec]:
+    return [mod_layer_spec(cfg) if is_routed(cfg, i) else dense_layer_spec(cfg)
+            for i in range(cfg.model.num_layers)]
+
+
+def block_spec(cfg: Config, tcfg, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
+    """The TransformerBlockSubmodules of the layers this pipeline stage (and virtual stage) builds."""
+    specs = layer_specs(cfg)
+    if tcfg.pipeline_model_parallel_layout is not None:
+        from megatron.core.transformer.enums import LayerType
+
+        ids = tcfg.pipeline_model_parallel_layout.get_layer_id_list(
+            layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank)
+        local = [specs[i] for i in ids]
+    else:
+        n = get_num_layers_to_build(tcfg, vp_stage=vp_stage, pp_rank=pp_rank)
+        offset = get_transformer_layer_offset(tcfg, vp_stage=vp_stage, pp_rank=pp_rank)
+        local = specs[offset:offset + n]
+    final_norm = dense_layer_spec(cfg).submodules.input_layernorm
+    return TransformerBlockSubmodules(layer_specs=local, layer_norm=final_norm)

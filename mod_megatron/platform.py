@@ -1,0 +1,145 @@
+"""Make megatron-core 0.16.1 run on CPU with gloo: every shim lives here, and only here.
+
+megatron-core assumes CUDA in a handful of places (device helpers, the RNG tracker, a few tensor
+factories and synchronisations). `apply()` patches exactly those calls and does nothing when CUDA is
+available, so GPU runs use megatron-core untouched. Each patch names the megatron-core call that
+needs it. Nothing in site-packages is edited: the patches are attribute assignments at import time.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+_APPLIED = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device a rank computes on: its CUDA device when there is one, else the CPU."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CPURNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """megatron's CudaRNGStatesTracker, with the named states held as CPU generator states."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CPURNGStatesTracker
+
+
+def apply() -> None:
+    """Install the CPU shims once per process; a no-op when CUDA is available."""
+    global _APPLIED
+    if _APPLIED or cuda_available():
+        return
+    _APPLIED = True
+
+    # rotary_pos_embedding.RotaryEmbedding.__init__/forward, tensor_parallel.mappings
+    # (_gather/_reduce_scatter_along_first_dim buffers), utils.GlobalMemoryBuffer.get_tensor and
+    # the pipeline schedules all place tensors on `torch.cuda.current_device()`.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+    # dist_checkpointing.strategies.filesystem_async (writer) and
+    # pipeline_parallel.p2p_communication call `torch.cuda.synchronize()`; CPU ops are synchronous.
+    torch.cuda.synchronize = lambda *a, **k: None
+
+    # tensor_parallel.random.initialize_rng_tracker instantiates CudaRNGStatesTracker, whose
+    # add()/fork() read and write CUDA generator states; keep the same API on the CPU generator.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class()
+    # model_parallel_cuda_manual_seed calls torch.cuda.manual_seed (queued lazily, harmless) and
+    # then _CUDA_RNG_STATE_TRACKER.add, served by the CPU tracker above.
+
+    # distributed.DistributedDataParallel / optimizer checks compare `param.grad.type()` with
+    # 'torch.cuda.FloatTensor'; see _patch_grad_type.
+    _patch_factories_with_cuda_device()
+
+
+def _patch_factories_with_cuda_device() -> None:
+    """Map `device="cuda"` in a few megatron-core tensor factories to the CPU.
+
+    pipeline_parallel.schedules.forward_backward_pipelining_* builds `torch.zeros(..., device="cuda")`
+    (total loss / token counters) and optimizer.clip_grads builds norms with `device="cuda"`; these
+    module-level `torch` references are swapped for a proxy whose factories move "cuda" to "cpu".
+    """
+    import importlib
+
+    targets = [
+        "megatron.core.pipeline_parallel.schedules",
+        "megatron.core.pipeline_parallel.p2p_communication",
+        "megatron.core.optimizer.clip_grads",
+        "megatron.core.optimizer.optimizer",
+        "megatron.core.distributed.param_and_grad_buffer",
+        "megatron.core.distributed.finalize_model_grads",
+    ]
+    proxy = _TorchCPUProxy()
+    for name in targets:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # optional module in this megatron-core build
+            continue
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = proxy
+
+
+def _cpu_device(dev):
+    if dev is None:
+        return dev
+    if isinstance(dev, torch.device):
+        return torch.device("cpu") if dev.type == "cuda" else dev
+    if isinstance(dev, str) and dev.startswith("cuda"):
+        return "cpu"
+    if isinstance(dev, int):
+        return "cpu"
+    return dev
+
+
+class _TorchCPUProxy:
+    """`torch` as seen by a patched megatron module: factories called with a CUDA device get the CPU."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like",
+                  "empty_like", "full_like", "randn", "rand", "as_tensor")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in self._FACTORIES:
+            @functools.wraps(attr)
+            def factory(*args, **kwargs):
+                if "device" in kwargs:
+                    kwargs["device"] = _cpu_device(kwargs["device"])
+                return attr(*args, **kwargs)
+            return factory
+        return attr
