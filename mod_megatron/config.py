@@ -88,6 +88,7 @@ class TrainConfig:
     eval_iters: int = 10
     device: str = "auto"  # auto | cpu | cuda
     distributed_optimizer: bool = False
+    exit_interval: int = 0  # stop (with a checkpoint) after this many iterations of this run; 0 = never
 
 
 @dataclass
@@ -133,6 +134,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # `--x.flag=1`: YAML already made "1" an int
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
@@ -147,6 +150,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(f)
     if typ is float:
+        if isinstance(value, bool):  # float(True) == 1.0 would accept `--mod.capacity=true`
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -271,11 +276,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"train.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size={t.micro_batch_size}")
     _check(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"need 0 <= train.min_lr <= train.lr and lr > 0 (lr={t.lr}, min_lr={t.min_lr})")
-    _check(0 <= t.warmup_iters <= t.iters, f"train.warmup_iters must be in [0, train.iters={t.iters}], got {t.warmup_iters}")
+    _check(t.warmup_iters >= 0, f"train.warmup_iters must be >= 0, got {t.warmup_iters}")
     _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     _check(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 disables), got {t.clip_grad}")
     _check(t.eval_interval >= 0 and t.eval_iters >= 0, "train.eval_interval and train.eval_iters must be >= 0")
+    _check(t.exit_interval >= 0, f"train.exit_interval must be >= 0 (0 = run to train.iters), got {t.exit_interval}")
     _check(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval must be >= 0 (0 = only at the end)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
     _check(cfg.data.corpus in ("default", "custom"), f"data.corpus must be default or custom, got {cfg.data.corpus!r}")

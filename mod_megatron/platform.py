@@ -83,21 +83,42 @@ def apply() -> None:
     # model_parallel_cuda_manual_seed calls torch.cuda.manual_seed (queued lazily, harmless) and
     # then _CUDA_RNG_STATE_TRACKER.add, served by the CPU tracker above.
 
-    # distributed.DistributedDataParallel / optimizer checks compare `param.grad.type()` with
-    # 'torch.cuda.FloatTensor'; see _patch_grad_type.
+    # optimizer.clip_grads.clip_grad_by_total_norm_fp32 (called by MegatronOptimizer.step through
+    # the name imported into optimizer.optimizer) asserts `param.grad.type() == 'torch.cuda.FloatTensor'`;
+    # on the CPU the same in-place scaling runs without that assertion.
+    from megatron.core.optimizer import clip_grads, optimizer as moptimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
     _patch_factories_with_cuda_device()
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """clip_grad_by_total_norm_fp32 without the CUDA tensor-type assertion."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for p in parameters:
+            g = getattr(p, attr, None)
+            if g is not None:
+                g.detach().mul_(clip_coeff)
 
 
 def _patch_factories_with_cuda_device() -> None:
     """Map `device="cuda"` in a few megatron-core tensor factories to the CPU.
 
     pipeline_parallel.schedules.forward_backward_pipelining_* builds `torch.zeros(..., device="cuda")`
-    (total loss / token counters) and optimizer.clip_grads builds norms with `device="cuda"`; these
-    module-level `torch` references are swapped for a proxy whose factories move "cuda" to "cpu".
+    (total loss / token counters), utils.local_multi_tensor_l2_norm (grad norm for clipping when apex
+    and TE are absent) builds its result with `device="cuda"`, and optimizer.clip_grads likewise;
+    these module-level `torch` references are swapped for a proxy whose factories move "cuda" to "cpu".
     """
     import importlib
 
     targets = [
+        "megatron.core.utils",
         "megatron.core.pipeline_parallel.schedules",
         "megatron.core.pipeline_parallel.p2p_communication",
         "megatron.core.optimizer.clip_grads",

@@ -36,6 +36,21 @@ class MoDTransformerLayer(TransformerLayer):
                              dtype=config.params_dtype, sequence_parallel=config.sequence_parallel)
         self.last_routing: Optional[Routing] = None  # kept for aux losses and logging
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """The router is saved per layer, not stacked along the layer axis like the other params.
+
+        megatron-core stacks each layer parameter into one [num_layers, ...] tensor; only routed
+        layers have a router, so its weight gets its own key with the global layer number.
+        """
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        (tensor,) = make_sharded_tensors_for_checkpoint(
+            {"weight": self.router.weight}, f"{prefix}router.", sharded_offsets=()).values()
+        tensor.key = f"{prefix}router.layer{self.layer_number}.weight"
+        sd[f"{prefix}router.weight"] = tensor
+        return sd
+
     def route(self, hidden_states: torch.Tensor) -> Routing:
         return topk_route(self.router(hidden_states), self.capacity, self.router_weight_kind)
 

@@ -1,0 +1,90 @@
+"""Model chunks wrapped in megatron-core DDP, the megatron optimizer and its LR schedule."""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from mod_megatron.config import Config
+from mod_megatron.model.gpt import build_model, transformer_config
+
+
+def param_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_model_chunks(cfg: Config, device: torch.device, wrap_ddp: bool = True):
+    """The local model chunks (one, or vpp with virtual pipeline stages), each wrapped in DDP."""
+    dtype = param_dtype(cfg, device)
+    tcfg = transformer_config(cfg, dtype)
+    vpp = cfg.parallel.vpp
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = build_model(
+            cfg, tcfg,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage, pp_rank=ps.get_pipeline_model_parallel_rank(),
+        )
+        model.to(device)
+        if dtype == torch.bfloat16:
+            model.bfloat16()
+        chunks.append(model)
+    if not wrap_ddp:
+        return chunks, tcfg
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=cfg.train.distributed_optimizer,
+        overlap_grad_reduce=False,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = [
+        DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=(i > 0))
+        for i, chunk in enumerate(chunks)
+    ]
+    # megatron's schedules call these hooks: grads are all-reduced across DP (and, for params shared
+    # between stages or marked sequence_parallel, across PP/TP) before the optimizer step.
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    if cfg.train.distributed_optimizer:
+        tcfg.param_sync_func = None
+    return wrapped, tcfg
+
+
+def build_optimizer(cfg: Config, chunks, dtype: torch.dtype):
+    t = cfg.train
+    ocfg = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=1e-8,
+        clip_grad=t.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=t.distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(ocfg, chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=min(t.warmup_iters, t.iters - 1),  # megatron needs warmup < decay steps
+        lr_decay_steps=max(t.iters, 1),
+        lr_decay_style="cosine",
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler

@@ -1,0 +1,90 @@
+"""`mod-train --config configs/tiny-cpu.yaml [--section.key=value ...]`
+
+Loads and validates the config, starts the process groups, prepares the data (the default corpus is
+downloaded, tokenized and cached on first use, by rank 0 while the others wait), then trains,
+evaluates and checkpoints. Launch one process, or many with torchrun / srun / the deepspeed launcher.
+Bad input (config, data, checkpoint) ends with one `error:` line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="mod-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any config value can be overridden: --train.iters=50 --mod.capacity=0.25")
+    p.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--") or "." not in o.split("=", 1)[0]]
+    if bad:
+        p.error(f"unrecognised arguments: {' '.join(bad)} (overrides look like --section.key=value)")
+    return args, overrides
+
+
+def prepare_inputs(cfg, layout):
+    """Tokenizer and datasets for this run (rank 0 builds caches first, the others wait)."""
+    import torch.distributed as dist
+
+    from mod_megatron.data.datasets import build_datasets
+    from mod_megatron.data.preprocess import data_paths, prepare_data
+    from mod_megatron.data.tokenizer import SPTokenizer
+    from mod_megatron.data.common import DataError
+
+    d = cfg.data
+    if d.corpus == "default":
+        if layout.rank == 0:
+            prepare_data(d.data_dir, cfg.model.vocab_size)
+        dist.barrier()
+        paths = data_paths(d.data_dir, cfg.model.vocab_size)
+    else:
+        paths = {"tokenizer_model": d.tokenizer_model, "train_prefix": d.train_prefix,
+                 "heldout_prefix": d.heldout_prefix or d.train_prefix}
+    if not os.path.isfile(paths["tokenizer_model"]):
+        raise DataError(f"tokenizer model not found: {paths['tokenizer_model']} (make one with mod-preprocess)")
+    tokenizer = SPTokenizer(paths["tokenizer_model"])
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"tokenizer {paths['tokenizer_model']} has {tokenizer.vocab_size} tokens but "
+                        f"model.vocab_size={cfg.model.vocab_size}; set --model.vocab_size={tokenizer.vocab_size}")
+    t = cfg.train
+    num_samples = (t.iters * t.global_batch_size, max(1, t.eval_iters) * t.global_batch_size,
+                   max(1, t.eval_iters) * t.global_batch_size)
+    datasets = build_datasets(paths["train_prefix"], paths["heldout_prefix"], cfg.model.seq_length, t.seed,
+                              tokenizer, num_samples=num_samples, split=d.split)
+    meta = {"tokenizer_sha256": tokenizer.sha256, "tokenizer_model": os.path.abspath(paths["tokenizer_model"])}
+    return datasets, meta
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from mod_megatron.config import ConfigError, load_config
+    from mod_megatron.data.common import DataError
+    from mod_megatron.training.checkpoint import CheckpointError
+
+    try:
+        cfg = load_config(args.config, overrides)
+        from mod_megatron.training.distributed import initialize, shutdown
+
+        layout = initialize(cfg)
+        (train_ds, valid_ds, heldout_ds), meta = prepare_inputs(cfg, layout)
+        from mod_megatron.training.trainer import Trainer
+
+        trainer = Trainer(cfg, layout, train_ds, valid_ds, heldout_ds, meta=meta)
+        summary = trainer.run()
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if layout.is_logger:
+        print(f"done: iteration {summary['iteration']} | train {summary['train_loss']:.4f} | "
+              f"valid {summary['valid_loss']:.4f} | held-out {summary['heldout_loss']:.4f} | "
+              f"checkpoint {summary['checkpoint']}", flush=True)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

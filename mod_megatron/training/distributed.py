@@ -1,0 +1,117 @@
+"""Process groups: torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's parallel state.
+
+Reads the usual launcher variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) set by
+torchrun, the deepspeed launcher or srun wrappers; without them it runs as a single process.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mod_megatron import platform
+from mod_megatron.config import Config, validate
+
+
+@dataclass
+class Layout:
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_logger(self) -> bool:
+        """The one rank that prints and writes TensorBoard: last stage, first TP and DP rank."""
+        return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def choose_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not platform.cuda_available():
+        from mod_megatron.config import ConfigError
+
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use --train.device=auto or cpu")
+    if want == "cpu" or not platform.cuda_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def initialize(cfg: Config, timeout_minutes: float = 10.0) -> Layout:
+    """Start torch.distributed and megatron-core's model-parallel groups for cfg.parallel."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    validate(cfg, world_size=world_size)
+    device = choose_device(cfg)
+    if device.type == "cpu":
+        platform.apply()
+    if not dist.is_initialized():
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    from megatron.core import parallel_state as ps
+
+    p = cfg.parallel
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vpp,
+        )
+    seed_everything(cfg.train.seed)
+    return Layout(
+        rank=rank, world_size=world_size, tp=p.tp, pp=p.pp, dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(), device=device,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: TP ranks must build identical replicated params (norms, routers)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

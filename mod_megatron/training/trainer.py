@@ -1,0 +1,250 @@
+"""The training loop: megatron-core schedules, optimizer and checkpoints around a dense or MoD GPT.
+
+One `Trainer` per process. Every rank iterates the same global batches; each data-parallel rank
+takes its slice, split into micro-batches, and megatron-core's forward/backward schedule (no
+pipelining, 1F1B or interleaved) runs them. Evaluation uses fixed batches of the valid and
+held-out sets so curves are comparable across runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mod_megatron.config import Config
+from mod_megatron.model.mod_layer import MoDTransformerLayer
+from mod_megatron.training import checkpoint as ckpt
+from mod_megatron.training.builder import build_model_chunks, build_optimizer, param_dtype
+from mod_megatron.training.distributed import Layout
+from mod_megatron.training.flops import peak_flops, train_flops_per_token
+from mod_megatron.training.logger import RunLogger
+
+
+class MicroBatches:
+    """Micro-batches of this DP rank, starting at global sample `start`: an endless iterator."""
+
+    def __init__(self, dataset, start: int, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp: int):
+        self.dataset, self.mbs, self.gbs = dataset, micro_batch_size, global_batch_size
+        self.per_rank = global_batch_size // dp
+        self.dp_rank = dp_rank
+        self.next_sample = start  # global sample index of the next global batch
+        self._pending: list[int] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if not self._pending:
+            first = self.next_sample + self.dp_rank * self.per_rank
+            self._pending = list(range(first, first + self.per_rank))
+            self.next_sample += self.gbs
+        idx, self._pending = self._pending[:self.mbs], self._pending[self.mbs:]
+        samples = [self.dataset[i % len(self.dataset)] for i in idx]
+        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in
+                ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float()
+    mask = loss_mask.to(losses.dtype)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, layout: Layout, train_ds, valid_ds, heldout_ds, meta: Optional[dict] = None):
+        self.cfg, self.layout = cfg, layout
+        self.device = layout.device
+        self.dtype = param_dtype(cfg, self.device)
+        self.chunks, self.tcfg = build_model_chunks(cfg, self.device)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
+        self.datasets = {"train": train_ds, "valid": valid_ds, "heldout": heldout_ds}
+        self.meta = dict(meta or {})
+        t = cfg.train
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * layout.dp)
+        self.forward_backward = get_forward_backward_func()
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.history: list[dict] = []
+        self.resumed_from: Optional[str] = None
+        if cfg.checkpoint.load:
+            self._maybe_resume()
+        self.log = RunLogger(cfg.logging.dir, layout.is_logger, cfg.logging.tensorboard,
+                             cfg.logging.progress_bar, total=t.iters, initial=self.iteration)
+        self.flops_per_token = train_flops_per_token(cfg)
+        self.peak = peak_flops(torch.cuda.get_device_name()) if self.device.type == "cuda" else None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _maybe_resume(self) -> None:
+        root = self.cfg.checkpoint.dir
+        it = ckpt.latest_iteration(root)
+        if it is None:
+            return
+        path = os.path.join(root, ckpt.iter_dirname(it))
+        ckpt.check_compatible(ckpt.read_meta(path), self.cfg.to_dict()["model"], path)
+        meta = ckpt.load(path, self.chunks, self.optimizer, self.scheduler)
+        self.iteration = meta["iteration"]
+        self.consumed_samples = meta["consumed_samples"]
+        self.resumed_from = path
+
+    def save(self) -> str:
+        meta = dict(self.meta, config=self.cfg.to_dict(), consumed_samples=self.consumed_samples,
+                    layout={"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
+                            "vpp": self.cfg.parallel.vpp})
+        return ckpt.save(self.cfg.checkpoint.dir, self.iteration, self.chunks, self.optimizer, self.scheduler,
+                         meta, keep_last=self.cfg.checkpoint.keep_last)
+
+    # ------------------------------------------------------------------ steps
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(_loss_func, batch["loss_mask"])
+
+    def _iterators(self, split: str, start: int):
+        t = self.cfg.train
+        n = len(self.chunks)
+        its = [MicroBatches(self.datasets[split], start, t.micro_batch_size, t.global_batch_size,
+                            self.layout.dp_rank, self.layout.dp) for _ in range(n)]
+        return its if n > 1 else its[0]
+
+    def _reduce_loss(self, reduced: list) -> Optional[float]:
+        """Mean token loss over the global batch, all-reduced over DP; None off the last stage."""
+        if not self.layout.is_last_stage:
+            return None
+        total = torch.stack([r["lm loss"] for r in reduced]).sum(0).float()
+        if self.layout.dp > 1:
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def train_step(self, it) -> dict:
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        t = self.cfg.train
+        reduced = self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=it, model=self.chunks,
+            num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        return {"loss": self._reduce_loss(reduced), "grad_norm": grad_norm, "skipped": not ok}
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> Optional[float]:
+        t = self.cfg.train
+        if t.eval_iters == 0 or self.datasets.get(split) is None:
+            return None
+        for chunk in self.chunks:
+            chunk.eval()
+        it = self._iterators(split, 0)
+        reduced = []
+        for _ in range(t.eval_iters):
+            reduced += self.forward_backward(
+                forward_step_func=self._forward_step, data_iterator=it, model=self.chunks,
+                num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
+                micro_batch_size=t.micro_batch_size, forward_only=True)
+        for chunk in self.chunks:
+            chunk.train()
+        return self._reduce_loss(reduced)
+
+    # ------------------------------------------------------------------ metrics
+    def routing_stats(self) -> dict:
+        """Per-layer fraction routed and router-weight mean/std of the last micro-batch, all stages."""
+        local = {}
+        for chunk in self.chunks:
+            for layer in ckpt._unwrap(chunk).decoder.layers:
+                if isinstance(layer, MoDTransformerLayer) and layer.last_routing is not None:
+                    r = layer.last_routing
+                    w = r.weight.detach().float()
+                    n = layer.layer_number
+                    local[f"routing/layer{n:02d}/fraction_routed"] = r.index.shape[0] / r.logits.shape[0]
+                    local[f"routing/layer{n:02d}/router_weight_mean"] = w.mean().item()
+                    local[f"routing/layer{n:02d}/router_weight_std"] = w.std().item() if w.numel() > 1 else 0.0
+        if self.layout.pp > 1:
+            gathered = [None] * self.layout.pp
+            dist.all_gather_object(gathered, local, group=ps.get_pipeline_model_parallel_group())
+            for part in gathered:
+                local.update(part)
+        return local
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        if self.resumed_from:
+            self.log.info(f"resumed from {self.resumed_from} at iteration {self.iteration}")
+        it = self._iterators("train", self.consumed_samples)
+        tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        window_t0, window_steps = time.time(), 0
+        last: dict = {}
+        stop_at = min(t.iters, self.iteration + t.exit_interval) if t.exit_interval else t.iters
+        while self.iteration < stop_at:
+            out = self.train_step(it)
+            self.iteration += 1
+            self.consumed_samples += t.global_batch_size
+            window_steps += 1
+            record = {"iteration": self.iteration, "loss": out["loss"], "lr": self.scheduler.get_lr(
+                self.optimizer.param_groups[0]) if hasattr(self.scheduler, "get_lr") else None}
+            self.history.append(record)
+            if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.iters:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.time() - window_t0
+                tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                tflops = tok_s * self.flops_per_token / self.layout.world_size / 1e12
+                stats = self.routing_stats()
+                last = {"train/loss": out["loss"], "train/lr": record["lr"], "train/grad_norm": out["grad_norm"],
+                        "perf/tokens_per_s": tok_s, "perf/tflops_per_gpu": tflops,
+                        "perf/mfu": tflops * 1e12 / self.peak if self.peak else None, **stats}
+                self.log.scalars(self.iteration, last)
+                if self.layout.is_logger:
+                    mfu = f" | mfu {last['perf/mfu']:.1%}" if last["perf/mfu"] else ""
+                    gn = f"{out['grad_norm']:.3f}" if out["grad_norm"] is not None else "n/a"
+                    self.log.info(f"iter {self.iteration:6d}/{t.iters} | loss {out['loss']:.4f} | "
+                                  f"lr {record['lr']:.3e} | grad-norm {gn} | {tok_s:,.0f} tok/s{mfu}")
+                window_t0, window_steps = time.time(), 0
+            self.log.advance(1, {"loss": out["loss"]} if out["loss"] is not None else None)
+            if self.iteration == stop_at:
+                break
+            if t.eval_interval and self.iteration % t.eval_interval == 0:
+                self._eval_and_log()
+                window_t0, window_steps = time.time(), 0  # throughput excludes evaluation
+            if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
+                self.save()
+                window_t0, window_steps = time.time(), 0
+        summary = self._eval_and_log()
+        summary["train_loss"] = self.history[-1]["loss"] if self.history else None
+        summary["tokens_per_s"] = last.get("perf/tokens_per_s")
+        summary["mfu"] = last.get("perf/mfu")
+        path = self.save()
+        summary["checkpoint"] = path
+        if self.layout.is_logger:
+            with open(os.path.join(cfg.logging.dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        self.log.close()
+        return summary
+
+    def _eval_and_log(self) -> dict:
+        valid, heldout = self.evaluate("valid"), self.evaluate("heldout")
+        res = {"iteration": self.iteration, "valid_loss": valid, "heldout_loss": heldout}
+        if self.layout.is_logger:
+            self.log.scalars(self.iteration, {"eval/valid_loss": valid, "eval/heldout_loss": heldout,
+                                              "eval/valid_ppl": _ppl(valid), "eval/heldout_ppl": _ppl(heldout)})
+            self.log.info(f"eval  {self.iteration:6d} | valid {valid:.4f} (ppl {_ppl(valid):.1f}) | "
+                          f"held-out {heldout:.4f} (ppl {_ppl(heldout):.1f})")
+        return res
+
+
+def _ppl(loss: Optional[float]) -> Optional[float]:
+    return math.exp(min(loss, 50.0)) if loss is not None else None
