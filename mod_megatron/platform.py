@@ -112,13 +112,16 @@ def _patch_factories_with_cuda_device() -> None:
 
     pipeline_parallel.schedules.forward_backward_pipelining_* builds `torch.zeros(..., device="cuda")`
     (total loss / token counters), utils.local_multi_tensor_l2_norm (grad norm for clipping when apex
-    and TE are absent) builds its result with `device="cuda"`, and optimizer.clip_grads likewise;
+    and TE are absent) builds its result with `device="cuda"`, transformer.utils.get_default_causal_mask
+    (used by fusions.fused_softmax in megatron's local DotProductAttention) builds its mask there,
+    and optimizer.clip_grads likewise;
     these module-level `torch` references are swapped for a proxy whose factories move "cuda" to "cpu".
     """
     import importlib
 
     targets = [
         "megatron.core.utils",
+        "megatron.core.transformer.utils",
         "megatron.core.pipeline_parallel.schedules",
         "megatron.core.pipeline_parallel.p2p_communication",
         "megatron.core.optimizer.clip_grads",
