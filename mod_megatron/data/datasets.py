@@ -26,6 +26,8 @@ from mod_megatron.data.common import DataError
 from mod_megatron.data.preprocess import prepare_data  # noqa: F401  (re-exported)
 from mod_megatron.data.tokenizer import SPTokenizer
 
+__all__ = ["build_datasets", "check_indexed_dataset", "prepare_data"]
+
 
 def _always_true():
     return True
@@ -70,7 +72,8 @@ def check_indexed_dataset(prefix, tokenizer):
 
 
 def _parse_split(split, num_seqs, prefix):
-    """'949,50,1' -> '949,50,0' (test share dropped); DataError if train/valid gets no document."""
+    """'949,50,1' -> '949,50,0' (test share dropped); DataError if train/valid would get no
+    sequence (checked when num_seqs is known)."""
     try:
         weights = [float(w) for w in split.split(",")]
     except ValueError:
@@ -78,6 +81,8 @@ def _parse_split(split, num_seqs, prefix):
     if len(weights) not in (2, 3) or min(weights) < 0 or weights[0] <= 0:
         raise DataError(f"bad split {split!r}: expected 'train,valid[,test]' weights, e.g. '949,50,1'")
     train, valid = weights[0], weights[1]
+    if num_seqs is None:
+        return f"{train:g},{valid:g},0"
     n_train = int(round(train / (train + valid) * num_seqs))
     if n_train == 0 or (valid > 0 and n_train == num_seqs):
         raise DataError(f"split {split!r} of the {num_seqs} sequences in {prefix} leaves the "
@@ -116,6 +121,7 @@ def build_datasets(data_prefix_train, data_prefix_heldout, seq_length, seed, tok
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset
+    import torch.distributed as dist
 
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = SPTokenizer(tokenizer)
@@ -123,8 +129,10 @@ def build_datasets(data_prefix_train, data_prefix_heldout, seq_length, seed, tok
         raise DataError(f"seq_length must be positive, got {seq_length}")
     if len(num_samples) != 3:
         raise DataError(f"num_samples must be (train, valid, heldout), got {num_samples!r}")
-    num_seqs = check_indexed_dataset(data_prefix_train, tokenizer)
-    check_indexed_dataset(data_prefix_heldout, tokenizer)
+    num_seqs = None  # ranks that build nothing need not see the files
+    if not dist.is_initialized() or is_built_on_rank():
+        num_seqs = check_indexed_dataset(data_prefix_train, tokenizer)
+        check_indexed_dataset(data_prefix_heldout, tokenizer)
     if cache_dir is None:
         cache_dir = os.path.join(os.path.dirname(os.path.abspath(data_prefix_train)), "index_cache")
 

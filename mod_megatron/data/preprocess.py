@@ -97,6 +97,8 @@ def build_indexed_dataset(inputs, output_prefix, tokenizer):
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     check_inputs(inputs)
+    if os.path.exists(output_prefix + ".json"):  # the completion marker goes first, comes last
+        os.remove(output_prefix + ".json")
     dtype = DType.optimal_dtype(tokenizer.vocab_size)  # uint16 below 65500 tokens
     stats = {"documents": 0, "tokens": 0, "skipped_empty": 0, "max_token_id": -1}
     t0 = time.time()
