@@ -1,7 +1,10 @@
 """Model chunks wrapped in megatron-core DDP, the megatron optimizer and its LR schedule."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -18,10 +21,29 @@ def param_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_model_chunks(cfg: Config, device: torch.device, wrap_ddp: bool = True):
+def parallel_overrides(cfg: Config, pipeline_layout: Optional[str] = None) -> dict:
+    """TransformerConfig settings that depend on the launch, not on the model.
+
+    `pipeline_layout` is megatron's pipeline_model_parallel_layout string (e.g. "Et|tttL"), such as
+    mod_megatron.parallel.stages.cost_aware_layout returns; None splits the layers evenly.
+    """
+    overrides = {}
+    if pipeline_layout is not None:
+        overrides["pipeline_model_parallel_layout"] = pipeline_layout
+    if cfg.parallel.vpp and dist.is_initialized() and dist.get_backend() == "gloo":
+        # Interleaved schedules post receives from the previous and the next stage in one
+        # torch.distributed.batch_isend_irecv; at pp=2 both are the same peer with the same tag, and
+        # gloo pairs them in an order that can swap activations and gradients (wrong loss, no error).
+        # megatron's unbatched p2p path orders sends and receives explicitly.
+        overrides["batch_p2p_comm"] = False
+    return overrides
+
+
+def build_model_chunks(cfg: Config, device: torch.device, wrap_ddp: bool = True,
+                       pipeline_layout: Optional[str] = None):
     """The local model chunks (one, or vpp with virtual pipeline stages), each wrapped in DDP."""
     dtype = param_dtype(cfg, device)
-    tcfg = transformer_config(cfg, dtype)
+    tcfg = transformer_config(cfg, dtype, **parallel_overrides(cfg, pipeline_layout))
     vpp = cfg.parallel.vpp
     chunks = []
     for vp_stage in range(vpp or 1):

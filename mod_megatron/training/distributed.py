@@ -80,6 +80,7 @@ def initialize(cfg: Config, timeout_minutes: float = 10.0) -> Layout:
             backend="nccl" if device.type == "cuda" else "gloo",
             rank=rank, world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
         )
     from megatron.core import parallel_state as ps
 

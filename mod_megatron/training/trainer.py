@@ -75,6 +75,7 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.history: list[dict] = []
+        self.window_tokens_per_s: list[float] = []
         self.resumed_from: Optional[str] = None
         if cfg.checkpoint.load:
             self._maybe_resume()
@@ -187,7 +188,6 @@ class Trainer:
         it = self._iterators("train", self.consumed_samples)
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
         window_t0, window_steps = time.time(), 0
-        last: dict = {}
         stop_at = min(t.iters, self.iteration + t.exit_interval) if t.exit_interval else t.iters
         while self.iteration < stop_at:
             out = self.train_step(it)
@@ -204,15 +204,16 @@ class Trainer:
                 tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 tflops = tok_s * self.flops_per_token / self.layout.world_size / 1e12
                 stats = self.routing_stats()
-                last = {"train/loss": out["loss"], "train/lr": record["lr"], "train/grad_norm": out["grad_norm"],
-                        "perf/tokens_per_s": tok_s, "perf/tflops_per_gpu": tflops,
-                        "perf/mfu": tflops * 1e12 / self.peak if self.peak else None, **stats}
-                self.log.scalars(self.iteration, last)
+                metrics = {"train/loss": out["loss"], "train/lr": record["lr"], "train/grad_norm": out["grad_norm"],
+                           "perf/tokens_per_s": tok_s, "perf/tflops_per_gpu": tflops,
+                           "perf/mfu": tflops * 1e12 / self.peak if self.peak else None, **stats}
+                self.log.scalars(self.iteration, metrics)
                 if self.layout.is_logger:
-                    mfu = f" | mfu {last['perf/mfu']:.1%}" if last["perf/mfu"] else ""
+                    mfu = f" | mfu {metrics['perf/mfu']:.1%}" if metrics["perf/mfu"] else ""
                     gn = f"{out['grad_norm']:.3f}" if out["grad_norm"] is not None else "n/a"
                     self.log.info(f"iter {self.iteration:6d}/{t.iters} | loss {out['loss']:.4f} | "
                                   f"lr {record['lr']:.3e} | grad-norm {gn} | {tok_s:,.0f} tok/s{mfu}")
+                self.window_tokens_per_s.append(tok_s)
                 window_t0, window_steps = time.time(), 0
             self.log.advance(1, {"loss": out["loss"]} if out["loss"] is not None else None)
             if self.iteration == stop_at:
@@ -225,8 +226,12 @@ class Trainer:
                 window_t0, window_steps = time.time(), 0
         summary = self._eval_and_log()
         summary["train_loss"] = self.history[-1]["loss"] if self.history else None
-        summary["tokens_per_s"] = last.get("perf/tokens_per_s")
-        summary["mfu"] = last.get("perf/mfu")
+        # Steady-state throughput: the mean over log windows, the first (warm-up) window left out.
+        windows = self.window_tokens_per_s[1:] or self.window_tokens_per_s
+        tok_s = sum(windows) / len(windows) if windows else None
+        summary["tokens_per_s"] = tok_s
+        summary["mfu"] = (tok_s * self.flops_per_token / self.layout.world_size / self.peak
+                          if tok_s and self.peak else None)
         path = self.save()
         summary["checkpoint"] = path
         if self.layout.is_logger:
