@@ -93,6 +93,51 @@ def apply() -> None:
 
     _patch_factories_with_cuda_device()
 
+    # models.common.language_module.LanguageModule.setup_embeddings_and_output_layer moves the last
+    # pipeline stage's copy of the tied word embedding with `weight.data.cuda()` before all-reducing
+    # it from the first stage (pp > 1 only).
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    _run_as_if_on_cuda(LanguageModule, "setup_embeddings_and_output_layer")
+
+    # optimizer.distrib_optimizer.DistributedOptimizer.__init__ (and its
+    # _build_model_and_main_param_groups) sorts params by `param.type()` and accepts only the
+    # 'torch.cuda.*Tensor' names, raising TypeError for CPU params (train.distributed_optimizer=true).
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    _run_as_if_on_cuda(DistributedOptimizer, "__init__")
+
+
+@contextlib.contextmanager
+def _cpu_tensors_named_as_cuda():
+    """Inside: `t.type()` names a CPU tensor like its CUDA twin and `t.cuda()` returns `t` itself."""
+    orig_type, orig_cuda = torch.Tensor.type, torch.Tensor.cuda
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = orig_type(self)
+            return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+        return orig_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.type, torch.Tensor.cuda = orig_type, orig_cuda
+
+
+def _run_as_if_on_cuda(cls, name: str) -> None:
+    """Run method `cls.name` inside `_cpu_tensors_named_as_cuda()`."""
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        with _cpu_tensors_named_as_cuda():
+            return original(*args, **kwargs)
+
+    setattr(cls, name, wrapper)
+
 
 def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """clip_grad_by_total_norm_fp32 without the CUDA tensor-type assertion."""

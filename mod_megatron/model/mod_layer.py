@@ -57,6 +57,11 @@ class MoDTransformerLayer(TransformerLayer):
     def forward(self, hidden_states: torch.Tensor, *args, rotary_pos_emb=None, **kwargs):
         if args:
             raise TypeError("MoDTransformerLayer takes its inputs as keyword arguments")
+        if self.config.sequence_parallel:
+            # hidden_states is this TP rank's slice of the sequence; top-k is over the whole sequence.
+            from mod_megatron.parallel.sequence import sequence_parallel_forward
+
+            return sequence_parallel_forward(self, hidden_states, rotary_pos_emb, **kwargs)
         s, b, h = hidden_states.shape
         routing = self.route(hidden_states)
         self.last_routing = routing
@@ -68,11 +73,15 @@ class MoDTransformerLayer(TransformerLayer):
         if rotary_pos_emb is not None:
             rotary_pos_emb = _gather_rotary(rotary_pos_emb, index)
 
-        out, context = super().forward(hidden_states=routed, rotary_pos_emb=rotary_pos_emb, **kwargs)
+        out, context = self.transformer_block(routed, rotary_pos_emb, **kwargs)
         delta = out - routed  # the residual branch f(x) of the routed tokens
         mixed = routed + routing.weight.unsqueeze(-1).to(delta.dtype) * delta
         output = hidden_states.scatter(0, gather_index, mixed)  # skipped tokens unchanged
         return output, context
+
+    def transformer_block(self, hidden_states: torch.Tensor, rotary_pos_emb=None, **kwargs):
+        """The plain TransformerLayer forward (attention + MLP with their residuals) on routed tokens."""
+        return super().forward(hidden_states=hidden_states, rotary_pos_emb=rotary_pos_emb, **kwargs)
 
 
 def _gather_rotary(rotary_pos_emb, index: torch.Tensor):

@@ -11,12 +11,14 @@ from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from mod_megatron.config import Config
 from mod_megatron.model.attention import SDPAttention
 from mod_megatron.model.mod_layer import MoDTransformerLayer
+from mod_megatron.parallel.norm import SequenceParallelTorchNorm
 
 
 def is_routed(cfg: Config, layer_index: int) -> bool:
@@ -30,6 +32,9 @@ def dense_layer_spec(cfg: Config) -> ModuleSpec:
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=cfg.model.normalization))
     if cfg.model.attention_backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if cfg.parallel.sp and spec.submodules.input_layernorm is WrappedTorchNorm:
+        # megatron's torch norm refuses sequence parallelism; this one marks its params for it.
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     return spec
 
 

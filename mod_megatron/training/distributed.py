@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,12 +44,6 @@ class Layout:
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def choose_device(cfg: Config) -> torch.device:
     want = cfg.train.device
     if want == "cuda" and not platform.cuda_available():
@@ -73,12 +66,12 @@ def initialize(cfg: Config, timeout_minutes: float = 10.0) -> Layout:
     if device.type == "cpu":
         platform.apply()
     if not dist.is_initialized():
-        if world_size == 1 and "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+        # A lone process (no launcher) needs no rendezvous port: an in-memory store cannot collide
+        # with other jobs on the host.
+        store = dist.HashStore() if world_size == 1 and "MASTER_ADDR" not in os.environ else None
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
-            rank=rank, world_size=world_size,
+            rank=rank, world_size=world_size, store=store,
             timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=device if device.type == "cuda" else None,
         )
