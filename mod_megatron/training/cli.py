@@ -79,11 +79,19 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if layout.is_logger:
-        print(f"done: iteration {summary['iteration']} | train {summary['train_loss']:.4f} | "
-              f"valid {summary['valid_loss']:.4f} | held-out {summary['heldout_loss']:.4f} | "
-              f"checkpoint {summary['checkpoint']}", flush=True)
+        if summary.get("interrupted"):
+            print(f"stopped by signal: iteration {summary['iteration']} | checkpoint {summary['checkpoint']}",
+                  flush=True)
+        else:
+            print(f"done: iteration {summary['iteration']} | train {_f(summary['train_loss'])} | "
+                  f"valid {_f(summary['valid_loss'])} | held-out {_f(summary['heldout_loss'])} | "
+                  f"checkpoint {summary['checkpoint']}", flush=True)
     shutdown()
     return 0
+
+
+def _f(x) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from functools import partial
 from typing import Optional
@@ -81,8 +83,23 @@ class Trainer:
             self._maybe_resume()
         self.log = RunLogger(cfg.logging.dir, layout.is_logger, cfg.logging.tensorboard,
                              cfg.logging.progress_bar, total=t.iters, initial=self.iteration)
+        self._signal_received = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._on_signal)
         self.flops_per_token = train_flops_per_token(cfg)
         self.peak = peak_flops(torch.cuda.get_device_name()) if self.device.type == "cuda" else None
+
+    # ------------------------------------------------------------------ preemption
+    def _on_signal(self, signum, frame) -> None:
+        self._signal_received = signum
+
+    def _any_rank_signalled(self) -> bool:
+        """All ranks agree: one rank's SIGTERM/SIGUSR1 stops every rank after the same step."""
+        flag = torch.tensor([1.0 if self._signal_received else 0.0], device=self.device)
+        if dist.is_initialized() and self.layout.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ------------------------------------------------------------------ checkpoints
     def _maybe_resume(self) -> None:
@@ -216,6 +233,12 @@ class Trainer:
                 self.window_tokens_per_s.append(tok_s)
                 window_t0, window_steps = time.time(), 0
             self.log.advance(1, {"loss": out["loss"]} if out["loss"] is not None else None)
+            if self._any_rank_signalled():
+                self.log.info(f"signal received: saving checkpoint and exiting at iteration {self.iteration}")
+                path = self.save()
+                self.log.close()
+                return {"iteration": self.iteration, "interrupted": True, "checkpoint": path,
+                        "train_loss": out["loss"], "valid_loss": None, "heldout_loss": None}
             if self.iteration == stop_at:
                 break
             if t.eval_interval and self.iteration % t.eval_interval == 0:
