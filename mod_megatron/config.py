@@ -56,6 +56,7 @@ class ParallelConfig:
     pp: int = 1
     vpp: Optional[int] = None
     sp: bool = False
+    pipeline_split: str = "even"  # even (equal layers per stage) | cost (balance estimated FLOPs)
     # dp is implied: world_size // (tp * pp)
 
 
@@ -265,11 +266,19 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"parallel.tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}")
     if p.sp:
         _check(m.seq_length % p.tp == 0, f"parallel.sp needs model.seq_length ({m.seq_length}) divisible by parallel.tp ({p.tp})")
+    _check(p.pipeline_split in ("even", "cost"), f"parallel.pipeline_split must be even or cost, got {p.pipeline_split!r}")
+    if p.pipeline_split == "cost":
+        _check(p.pp > 1 and p.vpp is None,
+               "parallel.pipeline_split=cost needs parallel.pp > 1 and no virtual stages (parallel.vpp: null)")
     if p.vpp is not None:
         _check(p.pp > 1 and p.vpp >= 2, f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp >= 2 (or leave it null)")
         _check(m.num_layers % (p.pp * p.vpp) == 0,
                f"model.num_layers={m.num_layers} must split evenly into pp*vpp={p.pp * p.vpp} chunks")
     _check(m.num_layers >= p.pp, f"model.num_layers={m.num_layers} is fewer than pipeline stages parallel.pp={p.pp}")
+    if p.pp > 1 and p.pipeline_split == "even":
+        _check(m.num_layers % (p.pp * (p.vpp or 1)) == 0,
+               f"model.num_layers={m.num_layers} does not split evenly into parallel.pp={p.pp} stages"
+               + (f" x vpp={p.vpp}" if p.vpp else "") + "; change the layer count or use --parallel.pipeline_split=cost")
 
     _check(t.iters > 0, f"train.iters must be > 0, got {t.iters}")
     _check(t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}")

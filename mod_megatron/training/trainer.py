@@ -67,7 +67,15 @@ class Trainer:
         self.cfg, self.layout = cfg, layout
         self.device = layout.device
         self.dtype = param_dtype(cfg, self.device)
-        self.chunks, self.tcfg = build_model_chunks(cfg, self.device)
+        layout_str = None
+        if cfg.parallel.pp > 1:
+            from mod_megatron.parallel.stages import cost_aware_layout, stage_table
+
+            if layout.is_logger:
+                print(stage_table(cfg, cfg.parallel.pp), flush=True)
+            if cfg.parallel.pipeline_split == "cost":
+                layout_str = cost_aware_layout(cfg, cfg.parallel.pp)
+        self.chunks, self.tcfg = build_model_chunks(cfg, self.device, pipeline_layout=layout_str)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
         self.datasets = {"train": train_ds, "valid": valid_ds, "heldout": heldout_ds}
         self.meta = dict(meta or {})

@@ -1,0 +1,112 @@
+"""Dense vs MoD transformer block, forward+backward time: `python benchmarks/bench_block.py`.
+
+Builds one megatron-core TransformerLayer (local spec, SDPA attention) and the same layer as a
+MoD layer at several capacities, times fwd+bwd on random [S, B, H] inputs and prints a table of
+ms per step and speed-up over dense. On a GPU it runs in bf16; on a CPU (fp32) use small sizes,
+e.g. `--hidden 256 --seq 512 --batch 2`. Ideal speed-up at capacity c is about 1/c.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def _setup():
+    from mod_megatron import platform
+
+    platform.apply()
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=0, world_size=1, store=dist.HashStore())
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0)
+
+
+def build_layer(hidden: int, heads: int, capacity, dtype):
+    from mod_megatron.config import load_config
+    from mod_megatron.model.gpt import transformer_config
+    from mod_megatron.model.spec import dense_layer_spec, mod_layer_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    overrides = [f"--model.hidden_size={hidden}", f"--model.num_attention_heads={heads}",
+                 "--model.num_layers=1", "--mod.first_routed=0"]
+    if capacity is not None:
+        overrides.append(f"--mod.capacity={capacity}")
+    cfg = load_config(None, overrides)
+    tcfg = transformer_config(cfg, dtype)
+    spec = mod_layer_spec(cfg) if capacity is not None else dense_layer_spec(cfg)
+    return build_module(spec, config=tcfg, layer_number=1)
+
+
+def rotary(seq: int, dim: int, device):
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    freqs = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv)
+    return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+
+
+def time_layer(layer, x, rope, warmup: int, iters: int) -> float:
+    def step():
+        out, _ = layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
+        out.float().sum().backward()
+
+    for _ in range(warmup):
+        step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--capacities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args(argv)
+    _setup()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"# {card}, {str(dtype).replace('torch.', '')}, S={args.seq}, B={args.batch}, fwd+bwd of one layer")
+    print("| d | layer | ms/step | speed-up vs dense | ideal |")
+    print("|---|---|---|---|---|")
+    for hidden in args.hidden:
+        heads = max(1, hidden // args.head_dim)
+        rope = rotary(args.seq, hidden // heads, device)
+        x = torch.randn(args.seq, args.batch, hidden, device=device, dtype=dtype, requires_grad=True)
+        dense = build_layer(hidden, heads, None, dtype).to(device=device, dtype=dtype)
+        t_dense = time_layer(dense, x, rope, args.warmup, args.iters)
+        print(f"| {hidden} | dense | {t_dense:.2f} | 1.00x | 1.00x |", flush=True)
+        for c in args.capacities:
+            layer = build_layer(hidden, heads, c, dtype).to(device=device, dtype=dtype)
+            layer.load_state_dict(dense.state_dict(), strict=False)
+            t = time_layer(layer, x, rope, args.warmup, args.iters)
+            print(f"| {hidden} | MoD c={c:g} | {t:.2f} | {t_dense / t:.2f}x | {1 / c:.2f}x |", flush=True)
+            del layer
+        del dense, x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,9 @@
+"""tests/distributed: make `tests.distributed.*` importable (the helpers are shared with the table script)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parents[2])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
