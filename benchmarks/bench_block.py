@@ -72,6 +72,18 @@ def time_layer(layer, x, rope, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t0) / iters * 1e3
 
 
+def profile(layer, x, rope) -> None:
+    """Top operators by device (or CPU) time for a few fwd+bwd steps, to see where time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with torch_profile(activities=acts) as prof:
+        time_layer(layer, x, rope, warmup=0, iters=3)
+    key = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -81,6 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--capacities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--profile", action="store_true",
+                   help="also print the top kernels of the smallest-capacity MoD layer (torch.profiler)")
     args = p.parse_args(argv)
     _setup()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -101,6 +115,8 @@ def main(argv=None) -> int:
             layer.load_state_dict(dense.state_dict(), strict=False)
             t = time_layer(layer, x, rope, args.warmup, args.iters)
             print(f"| {hidden} | MoD c={c:g} | {t:.2f} | {t_dense / t:.2f}x | {1 / c:.2f}x |", flush=True)
+            if args.profile and c == min(args.capacities):
+                profile(layer, x, rope)
             del layer
         del dense, x
         if device.type == "cuda":
