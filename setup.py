@@ -25,6 +25,9 @@ setup(
         "console_scripts": [
             "mod-train=mod_megatron.training.cli:main",
             "mod-preprocess=mod_megatron.data.preprocess:main",
+            "mod-convert=mod_megatron.convert.cli:main",
+            "mod-eval=mod_megatron.inference.evaluate:main",
+            "mod-generate=mod_megatron.inference.generate:main",
         ]
     },
 )

@@ -48,6 +48,33 @@ class MoDConfig:
     first_routed: int = 1  # 0-based index of the first routed layer (paper keeps layer 0 dense)
     router_weight: str = "sigmoid"  # sigmoid (bounded, default) | linear (paper's raw score)
     router_init_std: float = 0.02
+    # Causal routing for sampling (docs/inference.md): both are trained on top-k membership.
+    aux_loss: bool = True  # BCE between sigmoid(router logit) and "was in the top k"
+    aux_loss_weight: float = 0.01
+    predictor: bool = True  # small MLP (H -> H/8 -> 1) on stop-gradient inputs, its own BCE loss
+    predictor_loss_weight: float = 1.0  # touches only the predictor's params (inputs are detached)
+    capacity_warmup_iters: int = 0  # capacity goes linearly from 1.0 to `capacity` over N steps
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts MLPs (docs/mode.md). num_experts=0: dense MLPs everywhere."""
+
+    num_experts: int = 0  # real (computing) experts per MoE layer; 0 = dense MLP
+    topk: int = 2  # experts (real or no-op) each token picks
+    ep: int = 1  # expert-parallel size: the real experts are split over ep ranks
+    every: int = 1  # layer i is MoE when i >= first and (i - first) % every == 0
+    first: int = 0
+    noop_experts: int = 0  # integrated MoDE: no-op experts (identity; the token skips the MLP)
+    noop_target: float = 0.0  # target share of routing slots going to no-op experts (needs noop_experts)
+    score_function: str = "softmax"  # softmax | sigmoid (sigmoid is required by expert_bias)
+    aux_loss_coeff: float = 1e-2  # load-balancing loss towards the target distribution; 0 = off
+    z_loss_coeff: float = 0.0  # router z-loss; 0 = off
+    expert_bias: bool = False  # aux-loss-free balancing: per-expert bias on the top-k scores
+    bias_update_rate: float = 1e-3
+    capacity_factor: Optional[float] = None  # null = dropless; else drop tokens beyond capacity
+    pad_to_capacity: bool = False  # with capacity_factor: pad every expert's input to capacity
+    ffn_hidden_size: Optional[int] = None  # per-expert FFN size; null = the model's ffn size
 
 
 @dataclass
@@ -90,6 +117,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     distributed_optimizer: bool = False
     exit_interval: int = 0  # stop (with a checkpoint) after this many iterations of this run; 0 = never
+    engine: str = "megatron"  # megatron (DDP + megatron optimizer) | deepspeed (deepspeed.initialize, ZeRO)
+    zero_stage: int = 1  # deepspeed engine only: ZeRO stage 0, 1 or 2
+    nan_policy: str = "skip"  # NaN/Inf loss or grads: skip (drop the update) | stop (report the first bad layer)
+    max_skipped_steps: int = 10  # skip policy: stop after this many consecutive skipped steps
+    dist_timeout_minutes: float = 10.0  # a collective waiting longer (dead or hung rank) fails the job
 
 
 @dataclass
@@ -97,7 +129,8 @@ class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     save_interval: int = 0  # 0 = only at the end
     load: bool = True  # resume from `latest` when it exists
-    keep_last: int = 2
+    keep_last: int = 2  # latest + keep_last-1 older ones (the fallbacks when latest is damaged)
+    verify: bool = True  # sha256 of every checkpoint file checked before loading (sizes always are)
 
 
 @dataclass
@@ -112,6 +145,7 @@ class LoggingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mod: MoDConfig = field(default_factory=MoDConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -205,6 +239,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 data = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not a text (UTF-8) YAML file ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
@@ -258,6 +296,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(0 <= mod.first_routed < m.num_layers,
            f"mod.first_routed must be a layer index in [0, {m.num_layers - 1}], got {mod.first_routed}")
     _check(mod.router_weight in ("sigmoid", "linear"), f"mod.router_weight must be sigmoid or linear, got {mod.router_weight!r}")
+    _check(mod.aux_loss_weight >= 0, f"mod.aux_loss_weight must be >= 0 (0 turns the router BCE off), got {mod.aux_loss_weight}")
+    _check(mod.predictor_loss_weight >= 0, f"mod.predictor_loss_weight must be >= 0, got {mod.predictor_loss_weight}")
+    _check(mod.capacity_warmup_iters >= 0, f"mod.capacity_warmup_iters must be >= 0 (0 = no warm-up), got {mod.capacity_warmup_iters}")
+
+    _validate_moe(cfg)
 
     for name in ("tp", "pp"):
         _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
@@ -290,9 +333,18 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     _check(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 disables), got {t.clip_grad}")
     _check(t.eval_interval >= 0 and t.eval_iters >= 0, "train.eval_interval and train.eval_iters must be >= 0")
+    _check(t.engine in ("megatron", "deepspeed"), f"train.engine must be megatron or deepspeed, got {t.engine!r}")
+    if t.engine == "deepspeed":
+        _check(t.zero_stage in (0, 1, 2), f"train.zero_stage must be 0, 1 or 2, got {t.zero_stage}")
+        _check(p.pp == 1 and not p.sp,
+               "train.engine=deepspeed runs with parallel.pp=1 and parallel.sp=false (TP and DP only); "
+               "use --train.engine=megatron for pipeline or sequence parallelism")
     _check(t.exit_interval >= 0, f"train.exit_interval must be >= 0 (0 = run to train.iters), got {t.exit_interval}")
     _check(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval must be >= 0 (0 = only at the end)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+    _check(t.nan_policy in ("skip", "stop"), f"train.nan_policy must be skip or stop, got {t.nan_policy!r}")
+    _check(t.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0 (0 = stop at the first), got {t.max_skipped_steps}")
+    _check(t.dist_timeout_minutes > 0, f"train.dist_timeout_minutes must be > 0, got {t.dist_timeout_minutes}")
     _check(cfg.data.corpus in ("default", "custom"), f"data.corpus must be default or custom, got {cfg.data.corpus!r}")
     if cfg.data.corpus == "custom":
         _check(cfg.data.train_prefix is not None and cfg.data.tokenizer_model is not None,
@@ -303,9 +355,50 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(world_size % mp == 0,
                f"world size {world_size} is not divisible by tp*pp={mp}; launch a multiple of {mp} processes")
         dp = world_size // mp
+        _check((p.tp * dp) % cfg.moe.ep == 0,
+               f"moe.ep={cfg.moe.ep} must divide tp*dp={p.tp * dp} (world size {world_size} / pp={p.pp}): "
+               "expert-parallel ranks come from the tp x dp ranks of a stage; launch more processes or lower moe.ep")
         _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                f"train.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size*dp="
                f"{t.micro_batch_size * dp}")
+
+
+def _validate_moe(cfg: Config) -> None:
+    e, m, p = cfg.moe, cfg.model, cfg.parallel
+    _check(e.num_experts >= 0, f"moe.num_experts must be >= 0 (0 = dense MLP), got {e.num_experts}")
+    _check(e.ep >= 1, f"moe.ep must be >= 1, got {e.ep}")
+    if e.num_experts == 0:
+        _check(e.ep == 1 and e.noop_experts == 0,
+               "moe.ep and moe.noop_experts need moe.num_experts > 0 (set moe.num_experts)")
+        return
+    _check(e.num_experts % e.ep == 0, f"moe.ep={e.ep} must divide moe.num_experts={e.num_experts}")
+    _check(e.noop_experts >= 0, f"moe.noop_experts must be >= 0, got {e.noop_experts}")
+    _check(1 <= e.topk <= e.num_experts + e.noop_experts,
+           f"moe.topk={e.topk} must be in [1, num_experts + noop_experts = {e.num_experts + e.noop_experts}]")
+    if e.noop_experts:
+        _check(0.0 < e.noop_target < 1.0, f"moe.noop_target must be in (0, 1) with no-op experts, got {e.noop_target}")
+    else:
+        _check(e.noop_target == 0.0, "moe.noop_target needs moe.noop_experts > 0 (or set it to 0)")
+    _check(e.every >= 1 and 0 <= e.first < m.num_layers,
+           f"moe.every must be >= 1 and moe.first in [0, {m.num_layers - 1}] (got every={e.every}, first={e.first})")
+    _check(e.score_function in ("softmax", "sigmoid"), f"moe.score_function must be softmax or sigmoid, got {e.score_function!r}")
+    _check(not e.expert_bias or e.score_function == "sigmoid",
+           "moe.expert_bias=true needs moe.score_function=sigmoid (megatron-core's aux-loss-free routing)")
+    _check(e.aux_loss_coeff >= 0 and e.z_loss_coeff >= 0 and e.bias_update_rate >= 0,
+           "moe.aux_loss_coeff, moe.z_loss_coeff and moe.bias_update_rate must be >= 0")
+    _check(e.capacity_factor is None or e.capacity_factor > 0,
+           f"moe.capacity_factor must be > 0 or null (dropless), got {e.capacity_factor}")
+    _check(not e.pad_to_capacity or e.capacity_factor is not None, "moe.pad_to_capacity=true needs moe.capacity_factor")
+    _check(e.ffn_hidden_size is None or e.ffn_hidden_size > 0, f"moe.ffn_hidden_size must be > 0 or null, got {e.ffn_hidden_size}")
+    _check(p.tp == 1 or p.sp, "MoE with parallel.tp > 1 needs parallel.sp=true (megatron-core's MoELayer refuses TP without SP)")
+    _check(getattr(cfg.train, "engine", "megatron") == "megatron",
+           "MoE layers (moe.num_experts > 0) need --train.engine=megatron (expert parallelism is megatron-core's)")
+
+
+def is_moe_layer(cfg: Config, layer_index: int) -> bool:
+    """Whether 0-based layer `layer_index` has a mixture-of-experts MLP."""
+    e = cfg.moe
+    return e.num_experts > 0 and layer_index >= e.first and (layer_index - e.first) % e.every == 0
 
 
 def ffn_hidden(m: ModelConfig) -> int:

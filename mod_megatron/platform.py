@@ -92,6 +92,7 @@ def apply() -> None:
     moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
 
     _patch_factories_with_cuda_device()
+    _patch_moe_alltoall_for_cpu()
 
     # models.common.language_module.LanguageModule.setup_embeddings_and_output_layer moves the last
     # pipeline stage's copy of the tied word embedding with `weight.data.cuda()` before all-reducing
@@ -106,6 +107,42 @@ def apply() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     _run_as_if_on_cuda(DistributedOptimizer, "__init__")
+
+
+def moe_without_te() -> None:
+    """transformer.moe.moe_utils.RouterGatingLinearFunction tests `te_general_gemm is not None`, but the
+    name is only bound when Transformer Engine imports: without TE (CPU or GPU) it is a NameError. Bind
+    it to None there, which selects megatron's own torch.mm path. Needed on GPU too, so not in apply()."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _patch_moe_alltoall_for_cpu() -> None:
+    """MoE alltoall dispatcher (transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher) on CPU.
+
+    - `__init__` creates `torch.cuda.Stream()` for its device-to-host copies once per process (class
+      attribute `cuda_dtoh_stream`); a placeholder stops it, since nothing is copied on the CPU.
+    - `_maybe_dtoh_and_synchronize` copies the split sizes on that stream and turns them into numpy
+      arrays only for CUDA tensors; on the CPU they would stay tensors, which
+      `torch.distributed.all_to_all_single` (tensor_parallel.mappings._AllToAll) does not take as
+      split sizes. This version converts them the same way, with no stream or event.
+    """
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    moe_without_te()
+    td.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "cpu: no device-to-host stream"
+
+    def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            for name in ("input_splits", "output_splits", "output_splits_tp"):
+                value = getattr(self, name)
+                if torch.is_tensor(value):
+                    setattr(self, name, value.numpy())
+        return tokens_per_expert
+
+    td.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _maybe_dtoh_and_synchronize
 
 
 @contextlib.contextmanager

@@ -143,3 +143,87 @@ def test_world_size_validation():
     validate(cfg, world_size=2)  # dp=2, 8 = 4*2
     assert "micro_batch_size*dp=12" in _error(validate, cfg, world_size=3)
     validate(cfg)  # no world size: layout not checked
+
+
+# ----------------------------------------------------------------------------- moe section (docs/mode.md)
+
+MOE = ["--moe.num_experts=4"]
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["--moe.ep=2"], "moe.ep and moe.noop_experts need moe.num_experts"),
+    (MOE + ["--moe.ep=3"], "moe.ep=3 must divide moe.num_experts=4"),
+    (MOE + ["--moe.topk=7"], "moe.topk=7"),
+    (MOE + ["--moe.noop_experts=1"], "moe.noop_target must be in (0, 1)"),
+    (MOE + ["--moe.noop_target=0.5"], "moe.noop_target needs moe.noop_experts"),
+    (MOE + ["--moe.expert_bias=true"], "moe.score_function=sigmoid"),
+    (MOE + ["--moe.capacity_factor=0"], "moe.capacity_factor"),
+    (MOE + ["--moe.pad_to_capacity=true"], "moe.pad_to_capacity=true needs moe.capacity_factor"),
+    (MOE + ["--moe.first=4"], "moe.first"),
+    (MOE + ["--parallel.tp=2"], "needs parallel.sp=true"),
+    (MOE + ["--train.engine=deepspeed"], "train.engine=megatron"),
+])
+def test_moe_values(overrides, needle):
+    assert needle in _error(load_config, None, overrides)
+
+
+def test_moe_layers_and_expert_parallel_layout():
+    from mod_megatron.config import is_moe_layer
+
+    cfg = load_config(None, MOE + ["--moe.every=2", "--moe.first=1", "--moe.noop_experts=2", "--moe.noop_target=0.5",
+                                   "--moe.topk=6", "--moe.ep=4", "--train.micro_batch_size=2"])
+    assert [is_moe_layer(cfg, i) for i in range(4)] == [False, True, False, True]
+    assert not any(is_moe_layer(load_config(), i) for i in range(4))  # default: dense MLPs
+    validate(cfg, world_size=4)  # ep=4 from dp=4
+    msg = _error(validate, cfg, world_size=2)
+    assert "moe.ep=4 must divide tp*dp=2" in msg
+    cfg = load_config(None, MOE + ["--moe.ep=4", "--parallel.tp=2", "--parallel.sp=true", "--parallel.pp=2",
+                                   "--train.global_batch_size=16", "--train.micro_batch_size=4"])
+    validate(cfg, world_size=8)  # tp*dp = 2*2: experts over TP x DP ranks
+    assert "tp*dp=2" in _error(validate, cfg, world_size=4)
+
+
+def test_causal_routing_defaults_and_overrides():
+    mod = load_config(None).mod
+    assert mod.aux_loss and mod.aux_loss_weight == 0.01 and mod.predictor and mod.capacity_warmup_iters == 0
+    mod = load_config(None, ["--mod.aux_loss=false", "--mod.predictor=off", "--mod.capacity_warmup_iters=100",
+                             "--mod.predictor_loss_weight=0.5"]).mod
+    assert not mod.aux_loss and not mod.predictor and mod.capacity_warmup_iters == 100
+    assert mod.predictor_loss_weight == 0.5
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--mod.aux_loss_weight=-0.1", "mod.aux_loss_weight must be >= 0"),
+    ("--mod.predictor_loss_weight=-1", "mod.predictor_loss_weight must be >= 0"),
+    ("--mod.capacity_warmup_iters=-5", "mod.capacity_warmup_iters must be >= 0"),
+    ("--mod.capacity_warmup_iters=1.5", "expected an integer"),
+])
+def test_causal_routing_bad_values(override, needle):
+    assert needle in _error(load_config, None, [override])
+
+
+def test_reliability_defaults_and_overrides(tmp_path):
+    cfg = load_config(None)
+    assert cfg.train.nan_policy == "skip" and cfg.train.max_skipped_steps == 10
+    assert cfg.train.dist_timeout_minutes == 10.0 and cfg.checkpoint.verify is True
+    cfg = load_config(None, ["--train.nan_policy=stop", "--train.max_skipped_steps=0",
+                             "--train.dist_timeout_minutes=0.5", "--checkpoint.verify=false"])
+    assert (cfg.train.nan_policy, cfg.train.max_skipped_steps, cfg.train.dist_timeout_minutes) == ("stop", 0, 0.5)
+    assert cfg.checkpoint.verify is False
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--train.nan_policy=ignore", "train.nan_policy must be skip or stop"),
+    ("--train.max_skipped_steps=-1", "train.max_skipped_steps must be >= 0"),
+    ("--train.dist_timeout_minutes=0", "train.dist_timeout_minutes must be > 0"),
+    ("--checkpoint.verify=maybe", "expected true/false"),
+])
+def test_reliability_bad_values(override, needle):
+    assert needle in _error(load_config, None, [override])
+
+
+def test_unreadable_config_file_is_one_line(tmp_path):
+    assert "cannot read config file" in _error(load_config, str(tmp_path))  # a directory
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x80" * 4)
+    assert "is not a text (UTF-8) YAML file" in _error(load_config, str(path))

@@ -19,6 +19,7 @@ document/sample/shuffle indices are cached as .npy files in cache_dir (default:
 
 import json
 import os
+import struct
 
 import numpy
 
@@ -51,17 +52,28 @@ def check_indexed_dataset(prefix, tokenizer):
             raise DataError(f"missing dataset file {path}; {_create_hint(prefix)}")
     meta_path = prefix + ".json"
     if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except ValueError as e:
+            raise DataError(f"{meta_path} is corrupt ({e}); re-run mod-preprocess") from None
         sha = meta.get("tokenizer_sha256")
         if sha and sha != tokenizer.sha256:
             raise DataError(f"{prefix}.bin was tokenized with another tokenizer (sha256 {sha[:12]}"
                             f"..., {meta.get('tokenizer_model')}) than {tokenizer.model_path} "
                             f"(sha256 {tokenizer.sha256[:12]}...); re-run mod-preprocess")
+    _check_index_header(prefix)
     try:
         dataset = IndexedDataset(prefix)
-    except (AssertionError, ValueError, OSError) as e:
-        raise DataError(f"cannot read indexed dataset {prefix} ({e}); {_create_hint(prefix)}")
+    except (AssertionError, ValueError, OSError, struct.error) as e:
+        raise DataError(f"cannot read indexed dataset {prefix} ({type(e).__name__}: {e}); {_create_hint(prefix)}")
+    index = dataset.index
+    want = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+            if index.sequence_count else 0)
+    have = os.path.getsize(prefix + ".bin")
+    if have != want:
+        raise DataError(f"{prefix}.bin has {have} bytes but {prefix}.idx describes {want} (truncated, or "
+                        f"the two files do not belong together); {_create_hint(prefix)}")
     tokens = numpy.memmap(prefix + ".bin", dtype=dataset.index.dtype, mode="r")
     max_id = int(tokens.max()) if tokens.size else -1
     if max_id >= tokenizer.vocab_size:
@@ -69,6 +81,24 @@ def check_indexed_dataset(prefix, tokenizer):
                         f"{tokenizer.model_path} has only {tokenizer.vocab_size} tokens; "
                         "use the tokenizer the data was made with")
     return int(dataset.sequence_lengths.shape[0])
+
+
+def _check_index_header(prefix):
+    """DataError for a .idx that is not megatron's or is shorter than its header says (checked here:
+    megatron's reader fails on them with a noisy traceback from IndexedDataset.__del__)."""
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER
+
+    path = prefix + ".idx"
+    with open(path, "rb") as f:
+        head = f.read(34)
+    if len(head) < 34 or head[:9] != _INDEX_HEADER:
+        raise DataError(f"{path} is not a megatron index ({'truncated header' if len(head) < 34 else 'bad magic'}); "
+                        f"{_create_hint(prefix)}")
+    sequences, documents = struct.unpack("<QQ", head[18:34])
+    want = 34 + sequences * (4 + 8) + documents * 8
+    have = os.path.getsize(path)
+    if have < want:
+        raise DataError(f"{path} is truncated ({have} bytes, its header needs {want}); {_create_hint(prefix)}")
 
 
 def _parse_split(split, num_seqs, prefix):

@@ -47,6 +47,9 @@ def transformer_config(cfg: Config, dtype: torch.dtype = torch.float32, **overri
         pipeline_dtype=dtype,
         use_cpu_initialization=not on_gpu,
     )
+    from mod_megatron.moe.spec import transformer_kwargs as moe_kwargs
+
+    kwargs.update(moe_kwargs(cfg))  # {} without MoE layers
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -38,6 +39,40 @@ class Routing:
     index: torch.Tensor
     weight: torch.Tensor
     logits: torch.Tensor  # [S, B], raw router scores of every token (for aux losses and stats)
+    # Causal routing only: [k, B] True for real rows; padded rows (at the end of each column) are False
+    # and their `index` is S, a dummy row past the sequence. None for top-k (every row is real).
+    valid: Optional[torch.Tensor] = None
+
+
+def capacity_at(step: int, capacity: float, warmup_iters: int) -> float:
+    """Capacity warm-up: 1.0 at step 0, linearly down to `capacity` at step `warmup_iters`, then flat."""
+    if warmup_iters <= 0 or step >= warmup_iters:
+        return capacity
+    return 1.0 - (1.0 - capacity) * step / warmup_iters
+
+
+def topk_membership(index: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[k, B] routed positions -> [S, B] float targets: 1.0 where the token is in the top k."""
+    target = torch.zeros(seq_len, index.shape[1], device=index.device)
+    return target.scatter(0, index, 1.0)
+
+
+def causal_route(logits: torch.Tensor, decide: torch.Tensor, weight_kind: str) -> Routing:
+    """Per-token routing for sampling: a token is routed iff `decide` [S, B] is True.
+
+    Each sequence keeps a different number of tokens; the routed positions of each column are listed
+    in original order and the column is padded to the largest count with index S (a dummy row) at the
+    END, so causal attention among the rows never lets a real token see a padded one.
+    """
+    seq_len, batch = decide.shape
+    counts = decide.sum(0)  # [B]
+    k = max(int(counts.max()), 1)
+    positions = torch.arange(seq_len, device=decide.device).unsqueeze(1).expand(seq_len, batch)
+    order = torch.argsort(torch.where(decide, positions, positions + seq_len), dim=0)[:k]  # routed first
+    valid = torch.arange(k, device=decide.device).unsqueeze(1) < counts.unsqueeze(0)
+    index = torch.where(valid, order, seq_len)
+    weight = router_weight(torch.gather(logits, 0, order), weight_kind)
+    return Routing(index=index, weight=weight, logits=logits, valid=valid)
 
 
 def topk_route(logits: torch.Tensor, capacity: float, weight_kind: str) -> Routing:

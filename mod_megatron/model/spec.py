@@ -1,4 +1,4 @@
-"""Per-layer specs: dense, MoD, (later MoE/MoDE) models differ only by this list.
+"""Per-layer specs: dense, MoD, MoE and MoDE models differ only by this list.
 
 `layer_specs(cfg)` returns one megatron-core `ModuleSpec` per layer of the whole model;
 `block_spec(cfg, tcfg, ...)` slices it to the layers one pipeline stage builds, like
@@ -15,7 +15,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from mod_megatron.config import Config
+from mod_megatron.config import Config, is_moe_layer
 from mod_megatron.model.attention import SDPAttention
 from mod_megatron.model.mod_layer import MoDTransformerLayer
 from mod_megatron.parallel.norm import SequenceParallelTorchNorm
@@ -42,13 +42,24 @@ def mod_layer_spec(cfg: Config) -> ModuleSpec:
     spec = dense_layer_spec(cfg)
     spec.module = MoDTransformerLayer
     spec.params = dict(spec.params or {}, capacity=cfg.mod.capacity, router_weight=cfg.mod.router_weight,
-                       router_init_std=cfg.mod.router_init_std)
+                       router_init_std=cfg.mod.router_init_std,
+                       aux_loss_weight=cfg.mod.aux_loss_weight if cfg.mod.aux_loss else 0.0,
+                       predictor=cfg.mod.predictor, predictor_loss_weight=cfg.mod.predictor_loss_weight)
+    return spec
+
+
+def layer_spec(cfg: Config, i: int) -> ModuleSpec:
+    """Layer i: dense or MoD, with megatron's MoE MLP (mod_megatron.moe) when it is a MoE layer."""
+    spec = mod_layer_spec(cfg) if is_routed(cfg, i) else dense_layer_spec(cfg)
+    if is_moe_layer(cfg, i):
+        from mod_megatron.moe.spec import moe_mlp_spec
+
+        spec.submodules.mlp = moe_mlp_spec(cfg)
     return spec
 
 
 def layer_specs(cfg: Config) -> list[ModuleSpec]:
-    return [mod_layer_spec(cfg) if is_routed(cfg, i) else dense_layer_spec(cfg)
-            for i in range(cfg.model.num_layers)]
+    return [layer_spec(cfg, i) for i in range(cfg.model.num_layers)]
 
 
 def block_spec(cfg: Config, tcfg, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):

@@ -9,12 +9,18 @@ Layout under checkpoint.dir:
 Every rank writes into the `.tmp` directory; after a barrier rank 0 writes mod_meta.json (the
 completion mark), renames the directory and only then moves `latest`. A crash at any point leaves
 `latest` on the previous complete checkpoint.
+
+Integrity: mod_meta.json records the size and sha256 of every other file of the checkpoint (each rank
+hashes a share of the files). `select` checks them before loading and falls back to the newest older
+checkpoint that passes, saying which one it used and why; `save` refuses non-finite parameters.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import signal
 from typing import Optional
 
 import torch
@@ -23,6 +29,9 @@ import torch.distributed as dist
 TRACKER = "latest"
 META = "mod_meta.json"
 FORMAT_VERSION = 1
+# Test hook (tests/reliability): rank 0 SIGKILLs itself in the save of this iteration, after every rank
+# wrote its shards and before mod_meta.json / the rename, i.e. a deterministic kill -9 mid-save.
+TEST_KILL_IN_SAVE_ENV = "MOD_TEST_KILL_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -40,6 +49,19 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _gather(items: list) -> list:
+    """Every rank's list items, concatenated in rank order, on every rank."""
+    if _world() == 1:
+        return list(items)
+    out = [None] * _world()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -105,46 +127,127 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def save(root: str, iteration: int, chunks, optimizer, scheduler, meta: dict, keep_last: int = 2) -> str:
-    """Write a complete checkpoint of every rank's state for `iteration`; return its directory."""
-    from megatron.core import dist_checkpointing
-
-    final = os.path.join(root, iter_dirname(iteration))
-    tmp = final + ".tmp"
+def begin(root: str, iteration: int) -> str:
+    """All ranks: a fresh, empty `iter_NNNNNNN.tmp` directory to write a checkpoint into."""
+    tmp = os.path.join(root, iter_dirname(iteration)) + ".tmp"
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
+    return tmp
 
+
+def save(root: str, iteration: int, chunks, optimizer, scheduler, meta: dict, keep_last: int = 2) -> str:
+    """Write a complete checkpoint of every rank's state for `iteration`; return its directory."""
+    from megatron.core import dist_checkpointing
+
+    _refuse_non_finite(chunks, iteration, root)
+    tmp = begin(root, iteration)
     state = sharded_state_dict(chunks, optimizer)
     state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
     dist_checkpointing.save(state, tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{_rank():05d}.pt"))
     _barrier()
-
-    if _rank() == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        full_meta = dict(meta, iteration=iteration, world_size=world, format_version=FORMAT_VERSION)
-        _write_atomic(os.path.join(tmp, META), json.dumps(full_meta, indent=2, sort_keys=True))
-        if os.path.exists(final):  # an older complete save of the same iteration: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
-        _prune(root, keep_last)
-    _barrier()
-    return final
+    return publish(root, iteration, tmp, meta, keep_last)
 
 
-def _prune(root: str, keep_last: int) -> None:
-    done = sorted(complete_iterations(root))
-    for it in done[:-keep_last]:
+def _prune(root: str, keep_last: int, latest: int) -> None:
+    """Keep `latest` and the keep_last-1 newest complete checkpoints below it (the fallbacks).
+
+    Checkpoints newer than `latest` (left by an earlier run of this directory) are never touched."""
+    older = sorted((i for i in complete_iterations(root) if i < latest), reverse=True)
+    for it in older[keep_last - 1:]:
         shutil.rmtree(os.path.join(root, iter_dirname(it)), ignore_errors=True)
     for name in os.listdir(root):  # leftovers of crashed saves
         if name.endswith(".tmp") and name.startswith("iter_"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digests(ckpt_dir: str) -> dict:
+    """{file: {"size", "sha256"}} of every file in ckpt_dir but mod_meta.json; ranks share the hashing."""
+    names = sorted(n for n in os.listdir(ckpt_dir) if n != META)
+    mine = [(n, {"size": os.path.getsize(os.path.join(ckpt_dir, n)), "sha256": _sha256(os.path.join(ckpt_dir, n))})
+            for n in names[_rank()::_world()]]
+    return dict(_gather(mine))
+
+
+def _file_problem(ckpt_dir: str, name: str, want: dict, hashes: bool) -> Optional[str]:
+    path = os.path.join(ckpt_dir, name)
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    size = os.path.getsize(path)
+    if size != want["size"]:
+        kind = "truncated" if size < want["size"] else "the wrong size"
+        return f"{name} is {kind} ({size} bytes, recorded {want['size']})"
+    if hashes and _sha256(path) != want["sha256"]:
+        return f"{name} is corrupt (sha256 differs from the one recorded at save)"
+    return None
+
+
+def verify(ckpt_dir: str, hashes: bool = True) -> Optional[str]:
+    """None when ckpt_dir is complete and its files match mod_meta.json; else one line saying why not.
+
+    Sizes are always compared, sha256 when `hashes`; each rank checks a share of the files and all
+    ranks get the same answer. Checkpoints saved before integrity records only need mod_meta.json."""
+    try:
+        files = sorted(read_meta(ckpt_dir).get("files", {}).items())
+        problems = []
+    except CheckpointError as e:
+        files, problems = [], [str(e)]
+    problems += [p for p in (_file_problem(ckpt_dir, n, w, hashes) for n, w in files[_rank()::_world()]) if p]
+    problems = _gather(problems)
+    return problems[0] if problems else None
+
+
+def select(root: str, hashes: bool = True) -> tuple[Optional[str], list[str]]:
+    """(checkpoint directory to resume from, notes on the ones passed over); (None, []) = start fresh.
+
+    Tries the one `latest` names, then older complete ones, newest first; the first that verifies
+    wins. CheckpointError when `latest` exists but no checkpoint verifies (nothing is overwritten)."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.exists(tracker):
+        return None, []
+    done = sorted(complete_iterations(root), reverse=True)
+    text = open(tracker).read().strip()
+    notes = []
+    try:
+        latest = int(text)
+        candidates = [latest] + [i for i in done if i < latest]
+    except ValueError:
+        notes.append(f"{tracker} holds {text[:40]!r}, not an iteration")
+        candidates = done
+    for it in candidates:
+        path = os.path.join(root, iter_dirname(it))
+        reason = verify(path, hashes)
+        if reason is None:
+            return path, notes
+        notes.append(f"{iter_dirname(it)} unusable: {reason}")
+    raise CheckpointError(f"no usable checkpoint in {root} ({'; '.join(notes) or 'none complete'}); repair or "
+                          "move the directory away to start fresh")
+
+
+def _refuse_non_finite(chunks, iteration: int, root: str) -> None:
+    """CheckpointError on every rank if any rank holds a NaN/Inf parameter: garbage is never saved."""
+    bad = []
+    for chunk in chunks:
+        for name, p in _unwrap(chunk).named_parameters():
+            if not torch.isfinite(p.detach()).all():
+                bad.append(name)
+                break
+    bad = _gather(bad[:1])
+    if bad:
+        raise CheckpointError(f"refusing to save iteration {iteration}: parameter {bad[0]} is not finite "
+                              f"(NaN/Inf); the checkpoints in {root} are left as they were")
 
 
 def complete_iterations(root: str) -> list[int]:
@@ -212,7 +315,11 @@ def load(ckpt_dir: str, chunks, optimizer=None, scheduler=None, load_rng: bool =
     template = sharded_state_dict(chunks, optimizer, is_loading=True)
     if scheduler is not None:
         template["scheduler"] = None
-    state = dist_checkpointing.load(template, ckpt_dir)
+    try:
+        state = dist_checkpointing.load(template, ckpt_dir)
+    except Exception as e:  # a damaged file that passed the checks (e.g. no integrity record)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot load {ckpt_dir}: {type(e).__name__}: {first}") from e
     for i, chunk in enumerate(chunks):
         _unwrap(chunk).load_state_dict(state[_model_key(i, len(chunks))], strict=True)
     if optimizer is not None:
@@ -224,3 +331,27 @@ def load(ckpt_dir: str, chunks, optimizer=None, scheduler=None, load_rng: bool =
             dist.get_world_size() if dist.is_initialized() else 1):
         _set_rng_state(torch.load(rng_path, weights_only=False))
     return meta
+
+
+def publish(root: str, iteration: int, tmp: str, meta: dict, keep_last: int = 2) -> str:
+    """All ranks: seal a fully written `iter_NNNNNNN.tmp` (integrity record, rename, move `latest`).
+
+    Every rank must have finished writing into `tmp` (megatron's dist checkpoint, DeepSpeed's files)
+    before this is called. mod_meta.json is written last inside `tmp`, then the directory is renamed,
+    then `latest` moves: a crash at any point leaves `latest` on the previous complete checkpoint."""
+    final = os.path.join(root, iter_dirname(iteration))
+    files = _digests(tmp)
+    if _rank() == 0:
+        if os.environ.get(TEST_KILL_IN_SAVE_ENV) == str(iteration):
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook, see TEST_KILL_IN_SAVE_ENV
+        full_meta = dict(meta, iteration=iteration, world_size=_world(), format_version=FORMAT_VERSION,
+                         files=files)
+        _write_atomic(os.path.join(tmp, META), json.dumps(full_meta, indent=2, sort_keys=True))
+        if os.path.exists(final):  # an older complete save of the same iteration: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+        _prune(root, keep_last, iteration)
+    _barrier()
+    return final

@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     from mod_megatron.config import ConfigError, load_config
     from mod_megatron.data.common import DataError
     from mod_megatron.training.checkpoint import CheckpointError
+    from mod_megatron.training.numerics import NumericalError
+    from torch.distributed import DistError
 
     try:
         cfg = load_config(args.config, overrides)
@@ -71,13 +73,26 @@ def main(argv=None) -> int:
 
         layout = initialize(cfg)
         (train_ds, valid_ds, heldout_ds), meta = prepare_inputs(cfg, layout)
-        from mod_megatron.training.trainer import Trainer
+        if cfg.train.engine == "deepspeed":
+            from mod_megatron.training.ds_engine import DeepSpeedTrainer as Trainer
+        else:
+            from mod_megatron.training.trainer import Trainer
 
         trainer = Trainer(cfg, layout, train_ds, valid_ds, heldout_ds, meta=meta)
         summary = trainer.run()
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NumericalError as e:  # NaN/Inf (train.nan_policy): nothing applied, nothing saved
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (DistError, RuntimeError) as e:  # a rank died or hung (train.dist_timeout_minutes): fail, don't hang
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        if not isinstance(e, DistError) and not any(m in first for m in _PEER_LOST):
+            raise
+        print(f"error: rank {os.environ.get('RANK', '0')} lost contact with the other ranks ({type(e).__name__}: "
+              f"{first}); rerun the job to resume from the last checkpoint", file=sys.stderr)
+        return 1
     if layout.is_logger:
         if summary.get("interrupted"):
             print(f"stopped by signal: iteration {summary['iteration']} | checkpoint {summary['checkpoint']}",
@@ -88,6 +103,11 @@ def main(argv=None) -> int:
                   f"checkpoint {summary['checkpoint']}", flush=True)
     shutdown()
     return 0
+
+
+# How gloo / NCCL report a dead or hung peer (they raise plain RuntimeErrors).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe",
+              "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
 
 
 def _f(x) -> str:

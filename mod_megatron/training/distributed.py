@@ -9,6 +9,7 @@ import datetime
 import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -57,8 +58,13 @@ def choose_device(cfg: Config) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def initialize(cfg: Config, timeout_minutes: float = 10.0) -> Layout:
-    """Start torch.distributed and megatron-core's model-parallel groups for cfg.parallel."""
+def initialize(cfg: Config, timeout_minutes: Optional[float] = None) -> Layout:
+    """Start torch.distributed and megatron-core's model-parallel groups for cfg.parallel.
+
+    A collective that waits longer than `timeout_minutes` (default train.dist_timeout_minutes) for a
+    dead or hung rank raises instead of hanging; the CLI turns it into one `error:` line."""
+    if timeout_minutes is None:
+        timeout_minutes = cfg.train.dist_timeout_minutes
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     validate(cfg, world_size=world_size)
@@ -83,6 +89,11 @@ def initialize(cfg: Config, timeout_minutes: float = 10.0) -> Layout:
             tensor_model_parallel_size=p.tp,
             pipeline_model_parallel_size=p.pp,
             virtual_pipeline_model_parallel_size=p.vpp,
+            # MoE: experts split over ep ranks taken from tp x dp; never tensor-parallel (docs/mode.md).
+            expert_model_parallel_size=cfg.moe.ep,
+            expert_tensor_parallel_size=1,
+            # megatron's TP/PP/DP subgroups carry their own timeout (30 min by default), not the world's.
+            distributed_timeout_minutes=timeout_minutes,
         )
     seed_everything(cfg.train.seed)
     return Layout(

@@ -8,13 +8,17 @@ the S tokens (n = S for dense layers, n = k = ceil(capacity * S) for routed ones
                                                discount: the usual convention for MFU)
     mlp          2 * n * H * F * (3 if SwiGLU else 2)
     router       2 * S * H                    (every token is scored)
+    MoE mlp      2 * n * H * (E + E_noop) + n * topk * (1 - noop_target) * 2 * H * F_e * (3|2)
+                                              (replaces mlp in MoE layers: only the active experts)
 
 plus the LM head 2 * S * H * V. A training step is 3x forward (backward = 2x). MFU divides the
 achieved model FLOP/s by the card's dense bf16 peak.
 """
 from __future__ import annotations
 
-from mod_megatron.config import Config, ffn_hidden, padded_vocab
+from typing import Optional
+
+from mod_megatron.config import Config, ffn_hidden, is_moe_layer, padded_vocab
 from mod_megatron.model.router import capacity_tokens
 from mod_megatron.model.spec import is_routed
 
@@ -22,7 +26,8 @@ from mod_megatron.model.spec import is_routed
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
-def layer_forward_flops(cfg: Config, n_tokens: int) -> float:
+def layer_forward_flops(cfg: Config, n_tokens: int, layer_index: Optional[int] = None) -> float:
+    """Forward FLOPs of one layer on n tokens; with `layer_index` a MoE layer's MLP is costed as MoE."""
     m = cfg.model
     h = m.hidden_size
     h_kv = h * (m.num_query_groups or m.num_attention_heads) // m.num_attention_heads
@@ -30,7 +35,19 @@ def layer_forward_flops(cfg: Config, n_tokens: int) -> float:
     proj = 2 * n_tokens * h * (h + 2 * h_kv) + 2 * n_tokens * h * h
     attn = 4 * n_tokens * n_tokens * h
     mlp = 2 * n_tokens * h * f * (3 if m.activation == "swiglu" else 2)
+    if layer_index is not None and is_moe_layer(cfg, layer_index):
+        mlp = moe_mlp_flops(cfg, n_tokens)
     return float(proj + attn + mlp)
+
+
+def moe_mlp_flops(cfg: Config, n_tokens: int) -> float:
+    """MoE MLP: router over real + no-op experts, then topk expert MLPs per token, of which the share
+    noop_target (integrated MoDE, its target) is skipped. Dropped/padded slots are ignored."""
+    m, e = cfg.model, cfg.moe
+    f = e.ffn_hidden_size or ffn_hidden(m)
+    router = 2 * n_tokens * m.hidden_size * (e.num_experts + e.noop_experts)
+    expert = 2 * m.hidden_size * f * (3 if m.activation == "swiglu" else 2)
+    return float(router + n_tokens * e.topk * (1.0 - e.noop_target) * expert)
 
 
 def forward_flops_per_sequence(cfg: Config) -> float:
@@ -39,9 +56,9 @@ def forward_flops_per_sequence(cfg: Config) -> float:
     total = 2.0 * s * m.hidden_size * padded_vocab(m)
     for i in range(m.num_layers):
         if is_routed(cfg, i):
-            total += layer_forward_flops(cfg, capacity_tokens(s, cfg.mod.capacity)) + 2.0 * s * m.hidden_size
+            total += layer_forward_flops(cfg, capacity_tokens(s, cfg.mod.capacity), i) + 2.0 * s * m.hidden_size
         else:
-            total += layer_forward_flops(cfg, s)
+            total += layer_forward_flops(cfg, s, i)
     return total
 
 

@@ -22,12 +22,16 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mod_megatron.config import Config
-from mod_megatron.model.mod_layer import MoDTransformerLayer
+from mod_megatron.model.mod_layer import MoDTransformerLayer, set_capacity
+from mod_megatron.model.predictor import aux_scalars
+from mod_megatron.model.router import capacity_at
 from mod_megatron.training import checkpoint as ckpt
+from mod_megatron.training import numerics
 from mod_megatron.training.builder import build_model_chunks, build_optimizer, param_dtype
 from mod_megatron.training.distributed import Layout
 from mod_megatron.training.flops import peak_flops, train_flops_per_token
 from mod_megatron.training.logger import RunLogger
+from mod_megatron.moe.stats import moe_stats
 
 
 class MicroBatches:
@@ -75,8 +79,7 @@ class Trainer:
                 print(stage_table(cfg, cfg.parallel.pp), flush=True)
             if cfg.parallel.pipeline_split == "cost":
                 layout_str = cost_aware_layout(cfg, cfg.parallel.pp)
-        self.chunks, self.tcfg = build_model_chunks(cfg, self.device, pipeline_layout=layout_str)
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
+        self._build(layout_str)
         self.datasets = {"train": train_ds, "valid": valid_ds, "heldout": heldout_ds}
         self.meta = dict(meta or {})
         t = cfg.train
@@ -87,16 +90,24 @@ class Trainer:
         self.history: list[dict] = []
         self.window_tokens_per_s: list[float] = []
         self.resumed_from: Optional[str] = None
+        self.resume_notes: list[str] = []
+        self.nan_policy = numerics.NanPolicy(t.nan_policy, t.max_skipped_steps)
         if cfg.checkpoint.load:
             self._maybe_resume()
         self.log = RunLogger(cfg.logging.dir, layout.is_logger, cfg.logging.tensorboard,
                              cfg.logging.progress_bar, total=t.iters, initial=self.iteration)
         self._signal_received = None
         if threading.current_thread() is threading.main_thread():
+            _start_checkpoint_writer_ignoring_signals()
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._on_signal)
         self.flops_per_token = train_flops_per_token(cfg)
         self.peak = peak_flops(torch.cuda.get_device_name()) if self.device.type == "cuda" else None
+
+    def _build(self, pipeline_layout: Optional[str]) -> None:
+        """Model chunks (megatron DDP), optimizer and LR schedule; other engines override this."""
+        self.chunks, self.tcfg = build_model_chunks(self.cfg, self.device, pipeline_layout=pipeline_layout)
+        self.optimizer, self.scheduler = build_optimizer(self.cfg, self.chunks, self.dtype)
 
     # ------------------------------------------------------------------ preemption
     def _on_signal(self, signum, frame) -> None:
@@ -112,12 +123,20 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _maybe_resume(self) -> None:
         root = self.cfg.checkpoint.dir
-        it = ckpt.latest_iteration(root)
-        if it is None:
+        path, self.resume_notes = ckpt.select(root, hashes=self.cfg.checkpoint.verify)
+        if path is None:
             return
-        path = os.path.join(root, ckpt.iter_dirname(it))
-        ckpt.check_compatible(ckpt.read_meta(path), self.cfg.to_dict()["model"], path)
-        meta = ckpt.load(path, self.chunks, self.optimizer, self.scheduler)
+        saved = ckpt.read_meta(path)
+        ckpt.check_compatible(saved, self.cfg.to_dict()["model"], path)
+        if saved.get("engine", "megatron") != "megatron":
+            raise ckpt.CheckpointError(f"{path} was written by the {saved['engine']} engine; resume it with "
+                                       f"--train.engine={saved['engine']} or convert it with mod-convert")
+        if saved.get("model_only"):  # e.g. converted: weights only, a fresh optimizer, the LR schedule goes on
+            meta = ckpt.load(path, self.chunks)
+            self.optimizer.reload_model_params()
+            self.scheduler.step(increment=meta["iteration"])
+        else:
+            meta = ckpt.load(path, self.chunks, self.optimizer, self.scheduler)
         self.iteration = meta["iteration"]
         self.consumed_samples = meta["consumed_samples"]
         self.resumed_from = path
@@ -158,14 +177,25 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         t = self.cfg.train
-        reduced = self.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=it, model=self.chunks,
-            num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
-            micro_batch_size=t.micro_batch_size, forward_only=False)
+        mod = self.cfg.mod
+        if mod.capacity_warmup_iters:  # k is static within a step; it shrinks between steps
+            set_capacity(self.chunks, capacity_at(self.iteration, mod.capacity, mod.capacity_warmup_iters))
+        rec = it if isinstance(it, list) else numerics.Recorder(it)
+        with numerics.test_nan_injection(self.chunks, self.iteration + 1):
+            reduced = self.forward_backward(
+                forward_step_func=self._forward_step, data_iterator=rec, model=self.chunks,
+                num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
+                micro_batch_size=t.micro_batch_size, forward_only=False)
+            loss = self._reduce_loss(reduced)
+            # Checked before optimizer.step(): a NaN/Inf update could not be undone (numerics.py).
+            if not numerics.all_ranks_finite((loss is None or math.isfinite(loss))
+                                             and numerics.local_grads_finite(self.chunks), self.device):
+                where = numerics.locate(self.chunks, getattr(rec, "batches", None), self.device, self.layout.pp)
+                return {"loss": loss, "grad_norm": None, "skipped": True, "nonfinite": where}
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        return {"loss": self._reduce_loss(reduced), "grad_norm": grad_norm, "skipped": not ok}
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": not ok}
 
     @torch.no_grad()
     def evaluate(self, split: str) -> Optional[float]:
@@ -198,6 +228,9 @@ class Trainer:
                     local[f"routing/layer{n:02d}/fraction_routed"] = r.index.shape[0] / r.logits.shape[0]
                     local[f"routing/layer{n:02d}/router_weight_mean"] = w.mean().item()
                     local[f"routing/layer{n:02d}/router_weight_std"] = w.std().item() if w.numel() > 1 else 0.0
+                    local[f"routing/layer{n:02d}/capacity"] = layer.capacity
+                    local.update(aux_scalars(n, layer.last_aux))
+        local.update(moe_stats(self.chunks))  # MoE/MoDE imbalance and no-op share (collective over tp x dp)
         if self.layout.pp > 1:
             gathered = [None] * self.layout.pp
             dist.all_gather_object(gathered, local, group=ps.get_pipeline_model_parallel_group())
@@ -208,6 +241,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
+        for note in self.resume_notes:
+            self.log.info(f"checkpoint fallback: {note}")
         if self.resumed_from:
             self.log.info(f"resumed from {self.resumed_from} at iteration {self.iteration}")
         it = self._iterators("train", self.consumed_samples)
@@ -218,6 +253,13 @@ class Trainer:
             out = self.train_step(it)
             self.iteration += 1
             self.consumed_samples += t.global_batch_size
+            try:
+                note = self.nan_policy.update(self.iteration, out)
+            except numerics.NumericalError:
+                self.log.close()
+                raise
+            if note:
+                self.log.info(note)
             window_steps += 1
             record = {"iteration": self.iteration, "loss": out["loss"], "lr": self.scheduler.get_lr(
                 self.optimizer.param_groups[0]) if hasattr(self.scheduler, "get_lr") else None}
@@ -230,6 +272,7 @@ class Trainer:
                 tflops = tok_s * self.flops_per_token / self.layout.world_size / 1e12
                 stats = self.routing_stats()
                 metrics = {"train/loss": out["loss"], "train/lr": record["lr"], "train/grad_norm": out["grad_norm"],
+                           "train/skipped_steps": self.nan_policy.total,
                            "perf/tokens_per_s": tok_s, "perf/tflops_per_gpu": tflops,
                            "perf/mfu": tflops * 1e12 / self.peak if self.peak else None, **stats}
                 self.log.scalars(self.iteration, metrics)
@@ -257,6 +300,7 @@ class Trainer:
                 window_t0, window_steps = time.time(), 0
         summary = self._eval_and_log()
         summary["train_loss"] = self.history[-1]["loss"] if self.history else None
+        summary["skipped_steps"] = self.nan_policy.total
         # Steady-state throughput: the mean over log windows, the first (warm-up) window left out.
         windows = self.window_tokens_per_s[1:] or self.window_tokens_per_s
         tok_s = sum(windows) / len(windows) if windows else None
@@ -280,6 +324,24 @@ class Trainer:
             self.log.info(f"eval  {self.iteration:6d} | valid {valid:.4f} (ppl {_ppl(valid):.1f}) | "
                           f"held-out {heldout:.4f} (ppl {_ppl(heldout):.1f})")
         return res
+
+
+def _start_checkpoint_writer_ignoring_signals() -> None:
+    """Start megatron's checkpoint-writer helper process now, with SIGTERM/SIGUSR1 ignored.
+
+    dist_checkpointing's filesystem writer keeps a spawn-context Manager process alive after the
+    first save. Slurm signals every process of a job step; with the default action that helper
+    dies and the save on preemption fails (BrokenPipeError). Started while the signals are
+    ignored, it inherits "ignore" and outlives the signal, so the checkpoint-on-signal completes.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _ppl(loss: Optional[float]) -> Optional[float]:

@@ -5,7 +5,6 @@ need a fresh data directory copy them from there. Tests skip only if pip cannot 
 package registry (DownloadError); any other failure is a real failure.
 """
 
-import os
 import shutil
 import warnings
 

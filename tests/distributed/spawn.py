@@ -52,17 +52,18 @@ class RankError(RuntimeError):
 
 
 def layout_overrides(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, sp: bool = False,
-                     dp_opt: bool = False) -> list[str]:
-    """The config overrides that select a parallel layout (dp = world_size / (tp * pp) is implied)."""
+                     dp_opt: bool = False, ep: int = 1) -> list[str]:
+    """The config overrides that select a parallel layout (dp = world_size / (tp * pp) is implied;
+    ep, the expert-parallel size of MoE models, comes out of tp * dp)."""
     return [f"--parallel.tp={tp}", f"--parallel.pp={pp}", f"--parallel.vpp={vpp}", f"--parallel.sp={sp}",
-            f"--train.distributed_optimizer={dp_opt}", "--train.device=cpu"]
+            f"--train.distributed_optimizer={dp_opt}", "--train.device=cpu"] + ([f"--moe.ep={ep}"] if ep != 1 else [])
 
 
 def run_layout(fn: Callable, world_size: int, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
                sp: bool = False, dp_opt: bool = False, overrides: Sequence[str] = (),
-               timeout: float = DEFAULT_TIMEOUT) -> list[Any]:
+               timeout: float = DEFAULT_TIMEOUT, ep: int = 1) -> list[Any]:
     """Run `fn(cfg, layout)` on `world_size` forked ranks; return the per-rank results in rank order."""
-    args = list(overrides) + layout_overrides(tp, pp, vpp, sp, dp_opt)
+    args = list(overrides) + layout_overrides(tp, pp, vpp, sp, dp_opt, ep)
     validate(load_config(None, args), world_size=world_size)  # a bad config fails here, in the parent
     port = _free_port()
     ctx = mp.get_context(start_method())

@@ -1,7 +1,6 @@
 """MoDTransformerLayer: skip/route semantics, router gradient, dense equivalence, RoPE positions, causality."""
 from __future__ import annotations
 
-import pytest
 import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 

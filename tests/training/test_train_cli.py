@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["--model.num_layers=4", "--model.hidden_size=64", "--model.num_attention_heads=4",
          "--model.seq_length=64", "--mod.capacity=0.25", "--train.micro_batch_size=8",
          "--train.global_batch_size=8", "--train.lr=3e-3", "--train.warmup_iters=5", "--train.eval_iters=2",
@@ -24,10 +26,33 @@ def run_train(tmp_path, prepared, *overrides, run="run", check=True):
             f"--checkpoint.dir={tmp_path / run / 'ckpt'}", *overrides]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+                          cwd=REPO_ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"mod-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(tmp_path, prepared, run: str, *overrides, nproc: int = 2):
+    """Start nproc ranks of mod-train with launcher variables; wait; return the log dir."""
+    args = [sys.executable, "-m", "mod_megatron.training.cli", "--config", "configs/tiny-cpu.yaml", *SMALL,
+            f"--data.data_dir={prepared['data_dir']}", f"--logging.dir={tmp_path / run}",
+            f"--checkpoint.dir={tmp_path / run / 'ckpt'}", *overrides]
+    port = _free_port()
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu")
+        procs.append(subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * nproc, outs[0][-3000:]
+    return tmp_path / run
 
 
 def scalars(log_dir, tag):
