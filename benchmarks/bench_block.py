@@ -18,19 +18,9 @@ warnings.filterwarnings("ignore")
 
 
 def _setup():
-    from mod_megatron import platform
+    from mod_megatron.training.distributed import init_single_process
 
-    platform.apply()
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, rank=0, world_size=1, store=dist.HashStore())
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(0)
+    init_single_process(seed=0)
 
 
 def build_layer(hidden: int, heads: int, capacity, dtype):

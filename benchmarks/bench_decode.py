@@ -21,22 +21,9 @@ warnings.filterwarnings("ignore")
 
 
 def _setup(seed: int = 0) -> torch.device:
-    from mod_megatron import platform
+    from mod_megatron.training.distributed import init_single_process
 
-    if not platform.cuda_available():
-        platform.apply()
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, rank=0, world_size=1, store=dist.HashStore())
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1)
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return init_single_process(seed)
 
 
 def build(args, mod_enabled: bool, device, dtype):

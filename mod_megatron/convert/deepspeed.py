@@ -40,6 +40,7 @@ def from_deepspeed(ds_dir: str, out_root: str) -> str:
     from megatron.core import dist_checkpointing
 
     from mod_megatron.model.gpt import build_model, transformer_config
+    from mod_megatron.training.distributed import init_single_process
 
     meta = ckpt.read_meta(ds_dir)
     if meta.get("engine") != "deepspeed":
@@ -47,7 +48,7 @@ def from_deepspeed(ds_dir: str, out_root: str) -> str:
                               f"{meta.get('engine', 'megatron')})")
     cfg = _config_from_meta(meta)
     weights = consolidated_fp32_state_dict(ds_dir, meta.get("zero_stage", 1))
-    _ensure_single_rank()
+    init_single_process(seed=0)
     model = build_model(cfg, transformer_config(cfg, torch.float32))
     own = model.state_dict()
     missing = [k for k, v in own.items() if torch.is_tensor(v) and k not in weights and not k.endswith("_extra_state")]
@@ -78,19 +79,3 @@ def _yaml(value) -> str:
     import yaml
 
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def _ensure_single_rank() -> None:
-    """A 1-rank process group and megatron parallel state (TP=PP=1), if none is up yet."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from mod_megatron import platform
-
-    platform.apply()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(0)

@@ -113,6 +113,26 @@ def seed_everything(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
+def init_single_process(seed: int = 0) -> torch.device:
+    """One process, TP = PP = 1, outside any launcher (benchmarks, conversions): start the process
+    group (in-memory store) and megatron's parallel state if they are not up yet, seed, and return
+    the device (CUDA when there is one; the CPU shims are installed otherwise)."""
+    from megatron.core import parallel_state as ps
+
+    on_gpu = platform.cuda_available()
+    if not on_gpu:
+        platform.apply()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1, store=dist.HashStore())
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1, 1)
+    torch.manual_seed(seed)
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(seed)
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state as ps
 
