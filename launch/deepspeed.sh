@@ -9,11 +9,22 @@
 #   HOSTFILE     DeepSpeed hostfile for multi-node runs (the launcher reaches the hosts over ssh)
 #   MASTER_PORT  rendezvous port (default 29500)
 #   MOD_LOG_DIR  where the log goes (default runs/logs): deepspeed-<UTC timestamp>.log
+#   PYTHON       interpreter (default: python3 of an active venv, else <repo>/.venv/bin/python if
+#                present, else python3 from PATH); the launcher runs as `$PYTHON -m deepspeed.launcher.runner`
 # The run uses --train.engine=deepspeed; TP comes from --parallel.tp (megatron-core), ZeRO shards over
 # the data-parallel ranks. SIGTERM/SIGINT to this script reach the training processes, which save a
 # checkpoint and exit 0 (SIGTERM) like the other launchers.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
+
+if [ -z "${PYTHON:-}" ]; then
+    if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$repo/.venv/bin/python" ]; then
+        PYTHON=$repo/.venv/bin/python
+    else
+        PYTHON=python3
+    fi
+fi
 
 if [ -z "${NPROC:-}" ]; then
     NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -29,7 +40,7 @@ else
     where=(--num_gpus "$NPROC")  # one node; no hostfile, so no ssh to localhost
 fi
 # --no_local_rank: the trainer reads LOCAL_RANK from the environment, not a --local_rank argument.
-cmd=(deepspeed "${where[@]}" --master_port "${MASTER_PORT:-29500}" --no_local_rank
+cmd=("$PYTHON" -m deepspeed.launcher.runner "${where[@]}" --master_port "${MASTER_PORT:-29500}" --no_local_rank
      --module mod_megatron.training.cli "$@" --train.engine=deepspeed)
 echo "[deepspeed.sh] ${cmd[*]}" | tee "$log"
 

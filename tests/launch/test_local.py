@@ -50,6 +50,9 @@ def test_deepspeed_launcher_two_processes(tmp_path, prepared):
     logs = tmp_path / "logs"
     env = dict(os.environ, NPROC="2", MOD_LOG_DIR=str(logs), PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu",
                MASTER_PORT=str(_free_port()))
+    for key in ("PYTHON", "VIRTUAL_ENV"):  # as CI runs it: the script finds <repo>/.venv itself
+        env.pop(key, None)
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(REPO))
     proc = subprocess.run([os.path.join(REPO, "launch", "deepspeed.sh"), "--config", "configs/tiny-cpu.yaml",
                            *overrides(tmp_path, prepared, 3)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
