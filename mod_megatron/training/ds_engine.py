@@ -76,6 +76,8 @@ def ds_config(cfg, dtype: torch.dtype, num_microbatches: int) -> dict:
 class DeepSpeedTrainer(Trainer):
     """Trainer whose model, optimizer, steps and checkpoints go through a DeepSpeed engine."""
 
+    ENGINE = "deepspeed"
+
     def _build(self, pipeline_layout: Optional[str]) -> None:
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip DeepSpeed's accelerator probing
@@ -156,17 +158,8 @@ class DeepSpeedTrainer(Trainer):
                     zero_stage=self.cfg.train.zero_stage)
         return ckpt.publish(root, self.iteration, tmp, meta, keep_last=self.cfg.checkpoint.keep_last)
 
-    def _maybe_resume(self) -> None:
-        root = self.cfg.checkpoint.dir
-        path, self.resume_notes = ckpt.select(root, hashes=self.cfg.checkpoint.verify)
-        if path is None:
-            return
-        meta = ckpt.read_meta(path)
-        ckpt.check_compatible(meta, self.cfg.to_dict()["model"], path)
-        if meta.get("engine") != "deepspeed":
-            raise ckpt.CheckpointError(
-                f"{path} was written by the megatron engine; resume it with --train.engine=megatron")
-        _, client = self.engine.load_checkpoint(root, tag=os.path.basename(path), load_lr_scheduler_states=False)
+    def _load(self, path: str, saved: dict) -> dict:
+        root, tag = os.path.split(path)
+        _, client = self.engine.load_checkpoint(root, tag=tag, load_lr_scheduler_states=False)
         self.scheduler.load_state_dict(client["scheduler"])
-        self.iteration, self.consumed_samples = meta["iteration"], meta["consumed_samples"]
-        self.resumed_from = path
+        return saved

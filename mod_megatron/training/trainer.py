@@ -121,6 +121,8 @@ class Trainer:
         return bool(flag.item())
 
     # ------------------------------------------------------------------ checkpoints
+    ENGINE = "megatron"  # the train.engine whose checkpoints this trainer writes and reads
+
     def _maybe_resume(self) -> None:
         root = self.cfg.checkpoint.dir
         path, self.resume_notes = ckpt.select(root, hashes=self.cfg.checkpoint.verify)
@@ -128,18 +130,24 @@ class Trainer:
             return
         saved = ckpt.read_meta(path)
         ckpt.check_compatible(saved, self.cfg.to_dict()["model"], path)
-        if saved.get("engine", "megatron") != "megatron":
-            raise ckpt.CheckpointError(f"{path} was written by the {saved['engine']} engine; resume it with "
-                                       f"--train.engine={saved['engine']} or convert it with mod-convert")
+        engine = saved.get("engine", "megatron")
+        if engine != self.ENGINE:
+            convert = " or convert it with mod-convert from-deepspeed" if engine == "deepspeed" else ""
+            raise ckpt.CheckpointError(f"{path} was written by the {engine} engine; resume it with "
+                                       f"--train.engine={engine}{convert}")
+        meta = self._load(path, saved)
+        self.iteration = meta["iteration"]
+        self.consumed_samples = meta["consumed_samples"]
+        self.resumed_from = path
+
+    def _load(self, path: str, saved: dict) -> dict:
+        """Load a checkpoint of this engine into model, optimizer and schedule; return its meta."""
         if saved.get("model_only"):  # e.g. converted: weights only, a fresh optimizer, the LR schedule goes on
             meta = ckpt.load(path, self.chunks)
             self.optimizer.reload_model_params()
             self.scheduler.step(increment=meta["iteration"])
-        else:
-            meta = ckpt.load(path, self.chunks, self.optimizer, self.scheduler)
-        self.iteration = meta["iteration"]
-        self.consumed_samples = meta["consumed_samples"]
-        self.resumed_from = path
+            return meta
+        return ckpt.load(path, self.chunks, self.optimizer, self.scheduler)
 
     def save(self) -> str:
         meta = dict(self.meta, config=self.cfg.to_dict(), consumed_samples=self.consumed_samples,
