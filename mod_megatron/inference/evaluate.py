@@ -111,11 +111,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="mod-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint root (with `latest`) or an iter_* directory")
     p.add_argument("--config", help="YAML whose non-model sections (data, train.eval_iters, ...) replace the checkpoint's")
-    args, overrides = p.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--") or "." not in o.split("=", 1)[0]]
-    if bad:
-        p.error(f"unrecognised arguments: {' '.join(bad)} (overrides look like --section.key=value)")
-    return args, overrides
+    from mod_megatron.training.cli import parse_with_overrides
+
+    return parse_with_overrides(p, argv)
 
 
 def main(argv=None) -> int:

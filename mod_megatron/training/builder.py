@@ -96,7 +96,13 @@ def build_optimizer(cfg: Config, chunks, dtype: torch.dtype):
         use_distributed_optimizer=t.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(ocfg, chunks)
-    scheduler = OptimizerParamScheduler(
+    return optimizer, build_scheduler(cfg, optimizer)
+
+
+def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
+    """Warmup + cosine LR (megatron's OptimizerParamScheduler); both engines use this one."""
+    t = cfg.train
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=t.lr,
@@ -109,4 +115,3 @@ def build_optimizer(cfg: Config, chunks, dtype: torch.dtype):
         wd_incr_steps=t.iters,
         wd_incr_style="constant",
     )
-    return optimizer, scheduler

@@ -18,10 +18,15 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any config value can be overridden: --train.iters=50 --mod.capacity=0.25")
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
-    args, overrides = p.parse_known_args(argv)
+    return parse_with_overrides(p, argv)
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv):
+    """Parse known options; the rest must be config overrides (--section.key=value) or it is an error."""
+    args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--") or "." not in o.split("=", 1)[0]]
     if bad:
-        p.error(f"unrecognised arguments: {' '.join(bad)} (overrides look like --section.key=value)")
+        parser.error(f"unrecognised arguments: {' '.join(bad)} (overrides look like --section.key=value)")
     return args, overrides
 
 

@@ -18,10 +18,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mod_megatron.model.gpt import build_model, transformer_config
 from mod_megatron.training import checkpoint as ckpt
+from mod_megatron.training.builder import build_scheduler
 from mod_megatron.training.trainer import Trainer
 
 class MegatronMPU:
@@ -93,12 +93,7 @@ class DeepSpeedTrainer(Trainer):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model), config=ds_config(cfg, self.dtype, nmb),
             mpu=MegatronMPU, dist_init_required=False)
-        t = cfg.train
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
-            lr_warmup_steps=min(t.warmup_iters, t.iters - 1), lr_decay_steps=max(t.iters, 1),
-            lr_decay_style="cosine", start_wd=t.weight_decay, end_wd=t.weight_decay,
-            wd_incr_steps=t.iters, wd_incr_style="constant")
+        self.scheduler = build_scheduler(cfg, self.optimizer)
         self.chunks = [self.engine]  # routing_stats() and friends unwrap .module
 
     # ------------------------------------------------------------------ steps
