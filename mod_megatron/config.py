@@ -128,6 +128,10 @@ class TrainConfig:
 class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     save_interval: int = 0  # 0 = only at the end
+    save_final: bool = True  # false: no checkpoint when the run ends (benchmarks)
+    # Start a new run from these weights (a checkpoint root or iter_NNNNNNN dir, any TP/PP layout): model
+    # weights only, fresh optimizer, iteration 0. Used only when `dir` has no checkpoint to resume.
+    init_from: Optional[str] = None
     load: bool = True  # resume from `latest` when it exists
     keep_last: int = 2  # latest + keep_last-1 older ones (the fallbacks when latest is damaged)
     verify: bool = True  # sha256 of every checkpoint file checked before loading (sizes always are)
@@ -323,7 +327,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                f"model.num_layers={m.num_layers} does not split evenly into parallel.pp={p.pp} stages"
                + (f" x vpp={p.vpp}" if p.vpp else "") + "; change the layer count or use --parallel.pipeline_split=cost")
 
-    _check(t.iters > 0, f"train.iters must be > 0, got {t.iters}")
+    _check(t.iters >= 0, f"train.iters must be >= 0 (0 = write the initialised model as iteration 0 and exit), got {t.iters}")
     _check(t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}")
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"train.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size={t.micro_batch_size}")
@@ -339,6 +343,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(p.pp == 1 and not p.sp,
                "train.engine=deepspeed runs with parallel.pp=1 and parallel.sp=false (TP and DP only); "
                "use --train.engine=megatron for pipeline or sequence parallelism")
+        _check(not cfg.checkpoint.init_from, "checkpoint.init_from works with --train.engine=megatron; for DeepSpeed, "
+               "convert the weights first or drop checkpoint.init_from")
     _check(t.exit_interval >= 0, f"train.exit_interval must be >= 0 (0 = run to train.iters), got {t.exit_interval}")
     _check(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval must be >= 0 (0 = only at the end)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")

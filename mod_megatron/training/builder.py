@@ -107,7 +107,7 @@ def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
         init_lr=0.0,
         max_lr=t.lr,
         min_lr=t.min_lr,
-        lr_warmup_steps=min(t.warmup_iters, t.iters - 1),  # megatron needs warmup < decay steps
+        lr_warmup_steps=max(min(t.warmup_iters, t.iters - 1), 0),  # megatron needs warmup < decay steps
         lr_decay_steps=max(t.iters, 1),
         lr_decay_style="cosine",
         start_wd=t.weight_decay,

@@ -91,9 +91,12 @@ class Trainer:
         self.window_tokens_per_s: list[float] = []
         self.resumed_from: Optional[str] = None
         self.resume_notes: list[str] = []
+        self.initialised_from: Optional[str] = None
         self.nan_policy = numerics.NanPolicy(t.nan_policy, t.max_skipped_steps)
         if cfg.checkpoint.load:
             self._maybe_resume()
+        if self.resumed_from is None and cfg.checkpoint.init_from:
+            self._init_from(cfg.checkpoint.init_from)
         self.log = RunLogger(cfg.logging.dir, layout.is_logger, cfg.logging.tensorboard,
                              cfg.logging.progress_bar, total=t.iters, initial=self.iteration)
         self._signal_received = None
@@ -139,6 +142,23 @@ class Trainer:
         self.iteration = meta["iteration"]
         self.consumed_samples = meta["consumed_samples"]
         self.resumed_from = path
+
+    def _init_from(self, source: str) -> None:
+        """A new run from another run's weights (any layout): model only, fresh optimizer, iteration 0."""
+        path = source
+        if not os.path.isfile(os.path.join(source, ckpt.META)):  # a checkpoint root: its `latest`
+            path, _ = ckpt.select(source, hashes=self.cfg.checkpoint.verify)
+            if path is None:
+                raise ckpt.CheckpointError(f"checkpoint.init_from={source}: no checkpoint there")
+        else:
+            problem = ckpt.verify(path, self.cfg.checkpoint.verify)
+            if problem:
+                raise ckpt.CheckpointError(f"checkpoint.init_from={source} is unusable: {problem}")
+        saved = ckpt.read_meta(path)
+        ckpt.check_compatible(saved, self.cfg.to_dict()["model"], path)
+        ckpt.load(path, self.chunks, load_rng=False)
+        self.optimizer.reload_model_params()  # the fp32 main copy of bf16 params follows the new weights
+        self.initialised_from = path
 
     def _load(self, path: str, saved: dict) -> dict:
         """Load a checkpoint of this engine into model, optimizer and schedule; return its meta."""
@@ -253,6 +273,8 @@ class Trainer:
             self.log.info(f"checkpoint fallback: {note}")
         if self.resumed_from:
             self.log.info(f"resumed from {self.resumed_from} at iteration {self.iteration}")
+        elif self.initialised_from:
+            self.log.info(f"initialised weights from {self.initialised_from}")
         it = self._iterators("train", self.consumed_samples)
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
         window_t0, window_steps = time.time(), 0
@@ -315,7 +337,7 @@ class Trainer:
         summary["tokens_per_s"] = tok_s
         summary["mfu"] = (tok_s * self.flops_per_token / self.layout.world_size / self.peak
                           if tok_s and self.peak else None)
-        path = self.save()
+        path = self.save() if cfg.checkpoint.save_final else None
         summary["checkpoint"] = path
         if self.layout.is_logger:
             with open(os.path.join(cfg.logging.dir, "summary.json"), "w") as f:
