@@ -2,9 +2,10 @@
 
 A MoE layer is the same layer spec as a dense (or MoD) layer with its `mlp` replaced by megatron-core's
 local MoE spec (`get_gpt_layer_local_spec(num_experts=..., moe_grouped_gemm=False)`: MoELayer, the
-alltoall dispatcher, SequentialMLP experts), whose router is `MoDERouter`. Dense, MoD, MoE, staged
-MoDE (MoD layer + MoE MLP) and integrated MoDE (MoE MLP with no-op experts) models differ only in
-this per-layer list (mod_megatron/model/spec.py).
+alltoall dispatcher, SequentialMLP experts), whose router is `MoDERouter` and whose experts are
+`SequentialExperts` (moe/experts.py: SequentialMLP whose grads are reduced over the expert-data-parallel
+group). Dense, MoD, MoE, staged MoDE (MoD layer + MoE MLP) and integrated MoDE (MoE MLP with no-op
+experts) models differ only in this per-layer list (mod_megatron/model/spec.py).
 """
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from mod_megatron.config import Config, ffn_hidden, is_moe_layer
+from mod_megatron.moe.experts import SequentialExperts
 from mod_megatron.moe.router import MoDERouter
 
 
 def moe_mlp_spec(cfg: Config) -> ModuleSpec:
-    """megatron's local MoE MLP spec (no grouped GEMM, no shared experts) with the MoDE router."""
+    """megatron's local MoE MLP spec (no grouped GEMM, no shared experts) with the MoDE router and experts."""
     e = cfg.moe
     layer = get_gpt_layer_local_spec(num_experts=e.num_experts, moe_grouped_gemm=False,
                                      normalization=cfg.model.normalization)
     spec = copy.deepcopy(layer.submodules.mlp)
     spec.submodules.shared_experts = None
+    spec.submodules.experts.module = SequentialExperts
     spec.submodules.router = functools.partial(MoDERouter, noop_experts=e.noop_experts, noop_target=e.noop_target)
     return spec
 

@@ -5,7 +5,7 @@ the single-rank run's full parameters are loaded into every layout, then the rea
 (`build_model_chunks` + `build_optimizer`, megatron DDP, Adam, clipping, LR schedule, megatron's
 forward/backward schedule). What differs is the parameter naming: expert `j` of EP rank `r` is global
 expert `r * num_local_experts + j`, and expert weights are never tensor-parallel (expert TP = 1), so
-they are neither split nor gathered over TP.
+they are neither split nor gathered over TP (with EP=1 every TP rank holds all of them).
 """
 from __future__ import annotations
 
@@ -161,7 +161,8 @@ def _max_abs_diff(a, b) -> float:
 
 
 if __name__ == "__main__":  # prints the table of docs/mode.md
-    LAYOUTS = [("EP=2", 2, 1, 2, 1), ("TP=2+SP x EP=2", 4, 2, 2, 1), ("EP=4", 4, 1, 4, 1), ("PP=2 x EP=2", 4, 1, 2, 2)]
+    LAYOUTS = [("EP=2", 2, 1, 2, 1), ("TP=2+SP (EP=1)", 2, 2, 1, 1), ("TP=2+SP x EP=2", 4, 2, 2, 1),
+               ("EP=4", 4, 1, 4, 1), ("PP=2 x EP=2", 4, 1, 2, 2)]
     print("| variant | layout | max |Δloss| | max |Δgrad| | max |Δparam| | max |Δbias| |")
     for variant in VARIANTS:
         for name, world, tp, ep, pp in LAYOUTS:

@@ -3,7 +3,9 @@
 Tiny GPT of tests/distributed/equivalence.py (4 layers, hidden 64, seq 32, 4 sequences per step) with
 4 experts top-2 in every layer, aux loss 0.01 and z-loss 0.001 (tests/moe/moe_equivalence.py):
 staged MoDE (layers 1 and 3 MoD-routed too), integrated MoDE (one no-op expert, target share 0.25),
-integrated with the aux-loss-free expert bias, and integrated with capacity 1.0 drop-and-pad.
+integrated with the aux-loss-free expert bias, and integrated with capacity 1.0 drop-and-pad. Layouts:
+EP=2, TP=2+SP x EP=2, TP=2+SP at EP=1 (each TP rank holds all experts; their grads are summed over TP
+by megatron's expert-DP group, mod_megatron/moe/experts.py) and PP=2 x EP=2.
 
 Tolerances (fp32; layouts only reorder floating-point sums):
   loss per step |Δ| <= 2e-6 (measured <= 4.8e-7), every gradient |Δ| <= 2e-6 (measured <= 6.4e-7),
@@ -21,8 +23,10 @@ LOSS_ATOL, GRAD_ATOL, PARAM_ATOL = 2e-6, 2e-6, 1e-4
 CASES = [  # (variant, world size, tp, ep, pp)
     ("staged", 2, 1, 2, 1),
     ("staged", 4, 2, 2, 1),
+    ("staged", 2, 2, 1, 1),
     ("integrated", 2, 1, 2, 1),
     ("integrated", 4, 2, 2, 1),
+    ("integrated", 2, 2, 1, 1),
     ("integrated_bias", 2, 1, 2, 1),
     ("integrated_bias", 4, 1, 2, 2),
     ("integrated_capacity", 2, 1, 2, 1),
