@@ -142,7 +142,8 @@ def scaling(out: str, n: int, iters: int = 12) -> list[dict]:
 def tables(res: dict) -> str:
     lines = []
     if "equivalence" in res:
-        lines += ["| model | layout | GPUs | max abs dloss (20 steps) | loss at step 20 | wall s |",
+        n = res.get("steps", 20)
+        lines += [f"| model | layout | GPUs | max abs dloss ({n} steps) | loss at step {n} | wall s |",
                   "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['family']} | {r['layout']} | {r['gpus']} | {r['max_dloss']:.2e} | {r['final_loss']:.4f} | "
                   f"{r['wall_s']:.0f} |" for r in res["equivalence"]]
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
         count = torch.cuda.device_count()
     except Exception:
         name, count = "unknown", 0
-    res = {"device": name, "device_count": count}
+    res = {"device": name, "device_count": count, "steps": a.steps}
     print(f"device: {name} x{count}", flush=True)
     parts = ["equivalence", "launch", "scaling"] if a.part == "all" else [a.part]
     rc = 0
