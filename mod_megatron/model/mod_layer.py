@@ -10,6 +10,9 @@ causal attention among routed tokens is causal in the real sequence.
 
 Everything megatron-core gives a layer (TP linears, dist-checkpoint sharding, the spec system) is
 inherited; this class only adds the router and the gather/scatter around `TransformerLayer.forward`.
+The gather and the combine are kernels/routing.py's (Triton on CUDA, `mod.fused_routing`). The top-k
+path has no host synchronisation (k is static: topk, sort, gather, scatter), and the router/predictor
+diagnostics (`last_aux`) are computed only when read, e.g. by the trainer at log steps.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from typing import Optional
 import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from mod_megatron.model.predictor import (
-    Predictor, attach_aux_loss, bce_sum, confusion, install_aux_loss_scale)
+from mod_megatron.kernels.routing import combine_tokens, gather_tokens, use_fused
+from mod_megatron.model.predictor import Predictor, attach_aux_loss, aux_stats, bce_sum, install_aux_loss_scale
 from mod_megatron.model.router import Router, Routing, causal_route, topk_membership, topk_route
 
 install_aux_loss_scale()  # megatron's schedules then scale the aux losses like the LM loss
@@ -32,11 +35,12 @@ class MoDTransformerLayer(TransformerLayer):
     def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout: Optional[float] = None,
                  pg_collection=None, vp_stage: Optional[int] = None, *, capacity: float = 0.125,
                  router_weight: str = "sigmoid", router_init_std: float = 0.02, aux_loss_weight: float = 0.0,
-                 predictor: bool = False, predictor_loss_weight: float = 1.0):
+                 predictor: bool = False, predictor_loss_weight: float = 1.0, fused_routing: str = "auto"):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage)
         self.capacity = capacity
         self.router_weight_kind = router_weight
+        self.fused_routing = fused_routing  # auto | on | off: Triton gather/combine (kernels/routing.py)
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.router = Router(config.hidden_size, router_init_std, device=device,
                              dtype=config.params_dtype, sequence_parallel=config.sequence_parallel)
@@ -46,7 +50,17 @@ class MoDTransformerLayer(TransformerLayer):
         self.predictor_loss_weight = predictor_loss_weight
         self.predictor = Predictor(config.hidden_size, device=device, dtype=config.params_dtype) if predictor else None
         self.routing_mode = "topk"  # one of ROUTING_MODES; causal modes are for evaluation/sampling
-        self.last_aux: dict = {}  # detached aux-loss values and confusion counts of the last forward
+        self._aux_inputs: Optional[dict] = None  # detached tensors of the last top-k forward, for last_aux
+        self._aux_stats: Optional[dict] = None
+
+    @property
+    def last_aux(self) -> dict:
+        """Aux-loss values and [tp, fp, fn, tn] counts of the causal decisions against top-k membership,
+        of the last top-k forward ({} otherwise). Computed on first read from detached tensors kept by
+        the forward, so a training step pays for them only when someone logs them."""
+        if self._aux_stats is None and self._aux_inputs is not None:
+            self._aux_stats = aux_stats(**self._aux_inputs)
+        return self._aux_stats or {}
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """The router is saved per layer, not stacked along the layer axis like the other params.
@@ -99,59 +113,64 @@ class MoDTransformerLayer(TransformerLayer):
         s, b, h = hidden_states.shape
         routing = self.route(hidden_states)
         self.last_routing = routing
-        index = routing.index  # [k, B]
-        k = index.shape[0]
-        source = hidden_states
+        index = routing.index  # [k, B], k static for a given S and capacity
+        source, fused = hidden_states, use_fused(self.fused_routing, hidden_states)
         if routing.valid is not None:  # causal routing: padded rows point at a dummy row S
-            source = torch.cat([hidden_states, hidden_states.new_zeros(1, b, h)])
-
-        gather_index = index.unsqueeze(-1).expand(k, b, h)
-        routed = torch.gather(source, 0, gather_index)  # [k, B, H], original order kept
+            source, fused = torch.cat([hidden_states, hidden_states.new_zeros(1, b, h)]), False
+            index_rope = index.clamp(max=s - 1)
+        else:
+            index_rope = index
+        routed = gather_tokens(source, index, fused)  # [k, B, H], original order kept
         if rotary_pos_emb is not None:
-            rotary_pos_emb = _gather_rotary(rotary_pos_emb, index.clamp(max=s - 1))
+            rotary_pos_emb = _gather_rotary(rotary_pos_emb, index_rope)
 
         out, context = self.transformer_block(routed, rotary_pos_emb, **kwargs)
-        delta = out - routed  # the residual branch f(x) of the routed tokens
-        mixed = routed + routing.weight.unsqueeze(-1).to(delta.dtype) * delta
-        output = source.scatter(0, gather_index, mixed)[:s]  # skipped tokens unchanged
+        # routed + r * (out - routed) written back at `index`; skipped tokens unchanged
+        output = combine_tokens(source, out, routing.weight, index, fused, x_rows=routed)
+        if source is not hidden_states:
+            output = output[:s]
         return self._with_aux_losses(output, hidden_states, routing), context
 
     def _with_aux_losses(self, output: torch.Tensor, hidden_states: torch.Tensor, routing: Routing,
                          sp: bool = False) -> torch.Tensor:
-        """Keep router/predictor stats against top-k membership; in training attach their BCE losses.
+        """In training, attach the router and predictor BCE losses against top-k membership; keep
+        detached inputs so `last_aux` can compute the diagnostics when asked.
 
         Both losses are means over the micro-batch's S*B tokens. Under sequence parallelism the router
         BCE sums over this rank's tokens (still divided by S*B) and the TP all-reduce of the router's
         grad completes the mean; the predictor sees the all-gathered (detached) whole sequence.
         """
-        self.last_aux = {}
+        self._aux_inputs, self._aux_stats = None, None
         if self.routing_mode != "topk":
             return output
         seq_len, batch = routing.logits.shape
-        full_target = target = topk_membership(routing.index, seq_len)
-        logits, pred_input = routing.logits, hidden_states
+        norm = seq_len * batch
+        first, logits = 0, routing.logits
         if sp:  # this rank's slice of the sequence, with the router's gradient
             from megatron.core import parallel_state as ps
-            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
             first = ps.get_tensor_model_parallel_rank() * hidden_states.shape[0]
-            target = target[first:first + hidden_states.shape[0]]
-            logits = self.router(hidden_states)
-            if self.predictor is not None:
+            logits = routing.local_logits
+        training = self.training and torch.is_grad_enabled()
+        train_router = training and self.aux_loss_weight > 0
+        train_predictor = training and self.predictor is not None and self.predictor_loss_weight > 0
+        target = topk_membership(routing.index, seq_len) if train_router or train_predictor else None
+        loss = pred = None
+        if train_router:
+            loss = bce_sum(logits, target[first:first + logits.shape[0]]) * (self.aux_loss_weight / norm)
+        if self.predictor is not None and (train_predictor or not training):
+            pred_input = hidden_states
+            if sp:
+                from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
                 pred_input = gather_from_sequence_parallel_region(hidden_states.detach(), False)
-        norm = seq_len * batch
-        router_bce = bce_sum(logits, target) / norm
-        self.last_aux = {"router_bce": router_bce.detach(), "router_confusion": confusion(logits.detach() > 0, target)}
-        loss = self.aux_loss_weight * router_bce if self.aux_loss_weight > 0 else None
-        if self.predictor is not None:
-            target = full_target
             pred = self.predictor(pred_input)
-            pred_bce = bce_sum(pred, target) / norm
-            self.last_aux.update(predictor_bce=pred_bce.detach(), predictor_confusion=confusion(pred.detach() > 0, target))
-            if self.predictor_loss_weight > 0:
-                term = self.predictor_loss_weight * pred_bce
+            if train_predictor:
+                term = bce_sum(pred, target) * (self.predictor_loss_weight / norm)
                 loss = term if loss is None else loss + term
-        if loss is not None and self.training and torch.is_grad_enabled():
+        self._aux_inputs = {"logits": logits.detach(), "index": routing.index, "seq_len": seq_len, "first": first,
+                            "pred": None if pred is None else pred.detach()}
+        if loss is not None:
             output = attach_aux_loss(output, loss)
         return output
 
@@ -165,7 +184,8 @@ def _gather_rotary(rotary_pos_emb, index: torch.Tensor):
     if isinstance(rotary_pos_emb, tuple):
         return tuple(_gather_rotary(r, index) for r in rotary_pos_emb)
     freqs = rotary_pos_emb[:, 0, 0, :]  # [S, d]
-    return freqs[index].unsqueeze(2)  # [k, B, 1, d]
+    k, b = index.shape
+    return freqs.index_select(0, index.reshape(-1)).view(k, b, 1, freqs.shape[-1])
 
 
 def mod_layers(chunks) -> list:

@@ -47,6 +47,28 @@ def confusion(decide: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                         (~decide & ~t).sum()]).float()
 
 
+@torch.no_grad()
+def aux_stats(logits, index, seq_len: int, first: int = 0, pred=None) -> dict:
+    """A MoD layer's diagnostics from the detached tensors its forward kept (MoDTransformerLayer.last_aux):
+    the aux BCE values (means over the micro-batch's S*B tokens, as in the losses) and the confusion
+    counts of the causal decisions (logit > 0) against top-k membership.
+
+    logits: router scores of this rank's tokens [S_local, B], starting at sequence position `first`
+    (sequence parallelism; else 0 and the whole sequence); index: the top-k positions [k, B] of the whole
+    sequence; pred: predictor logits [S, B] or None.
+    """
+    from mod_megatron.model.router import topk_membership
+
+    norm = seq_len * index.shape[1]
+    target = topk_membership(index, seq_len)
+    local = target[first:first + logits.shape[0]]
+    out = {"router_bce": bce_sum(logits, local) / norm, "router_confusion": confusion(logits > 0, local)}
+    if pred is not None:
+        out["predictor_bce"] = bce_sum(pred, target) / norm
+        out["predictor_confusion"] = confusion(pred > 0, target)
+    return out
+
+
 def rates(counts) -> dict:
     """accuracy / precision / recall from [tp, fp, fn, tn] counts (precision/recall None if undefined)."""
     tp, fp, fn, tn = (float(c) for c in counts)

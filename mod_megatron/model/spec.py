@@ -44,7 +44,8 @@ def mod_layer_spec(cfg: Config) -> ModuleSpec:
     spec.params = dict(spec.params or {}, capacity=cfg.mod.capacity, router_weight=cfg.mod.router_weight,
                        router_init_std=cfg.mod.router_init_std,
                        aux_loss_weight=cfg.mod.aux_loss_weight if cfg.mod.aux_loss else 0.0,
-                       predictor=cfg.mod.predictor, predictor_loss_weight=cfg.mod.predictor_loss_weight)
+                       predictor=cfg.mod.predictor, predictor_loss_weight=cfg.mod.predictor_loss_weight,
+                       fused_routing=cfg.mod.fused_routing)
     return spec
 
 

@@ -53,6 +53,7 @@ def sequence_parallel_forward(layer, hidden_states: torch.Tensor, rotary_pos_emb
     local_logits = layer.router(hidden_states)  # [S/tp, B] fp32, with grad
     logits = gather_from_sequence_parallel_region(local_logits.detach(), False, group)  # [S, B]
     routing = topk_route(logits, layer.capacity, layer.router_weight_kind)
+    routing.local_logits = local_logits  # reused by the router's aux loss
     layer.last_routing = routing  # global index and logits (detached): for stats, like without SP
     index = routing.index  # [k, B], same on every rank
     k = index.shape[0]

@@ -1,0 +1,177 @@
+"""Training throughput of whole GPTs, dense vs MoD vs MoDE: `python benchmarks/bench_model.py`.
+
+Each config runs `--warmup` + `--iters` training steps through the real Trainer (megatron-core
+schedule, DDP wrapper, optimizer; bf16 on a GPU) in a subprocess of its own (fresh memory and peak
+counter), on random tokens: throughput does not depend on the data, and no corpus is needed. Printed:
+
+    | config | tokens/s | model TFLOP/s | MFU | peak memory GiB | vs dense |
+
+- tokens/s: the timed steps only (after the warm-up), CUDA synchronised at both ends;
+- model TFLOP/s: tokens/s x training FLOPs per token from mod_megatron/training/flops.py (matmuls only,
+  routed layers at their k tokens, active experts only; docs/benchmarks.md has the formula);
+- MFU: model FLOP/s over the card's dense bf16 peak (H100 SXM: 989 TFLOP/s; flops.PEAK_BF16);
+- peak memory: torch.cuda.max_memory_allocated over the whole run;
+- vs dense: tokens/s over the dense twin's (the same shape without routing or experts).
+
+Config overrides (`--train.micro_batch_size=8`, `--mod.fused_routing=off`) apply to every config.
+`--smoke` runs tiny versions of three configs on the CPU in well under a minute (a CI check).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWINS = {  # config -> its dense twin
+    "gpt-125m-dense": "gpt-125m-dense",
+    "gpt-125m-mod": "gpt-125m-dense",
+    "mode-staged-125m": "gpt-125m-dense",
+    "mode-integrated-125m": "gpt-125m-dense",
+    "gpt-368m-dense": "gpt-368m-dense",
+    "gpt-368m-mod": "gpt-368m-dense",
+}
+SMOKE_CONFIGS = ["gpt-125m-dense", "gpt-125m-mod", "mode-staged-125m"]
+SMOKE = ["--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention_heads=4",
+         "--model.seq_length=64", "--model.vocab_size=512", "--train.micro_batch_size=4",
+         "--train.global_batch_size=4", "--moe.ffn_hidden_size=64", "--train.device=cpu"]
+RESULT = "RESULT "  # the worker's one line of JSON on stdout
+
+
+class RandomTokens:
+    """A dataset of uniform random token sequences in the shape the Trainer's batches take."""
+
+    def __init__(self, seq_length: int, vocab_size: int, seed: int):
+        self.seq_length, self.vocab_size, self.seed = seq_length, vocab_size, seed
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        tokens = torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=g)
+        return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": torch.ones(self.seq_length),
+                "position_ids": torch.arange(self.seq_length)}
+
+
+def measure(config: str, overrides: list, warmup: int, iters: int) -> dict:
+    """Build the Trainer for `config`, run warmup + iters steps, return the numbers of the timed ones."""
+    import torch
+
+    from mod_megatron.config import load_config
+    from mod_megatron.training.distributed import initialize, shutdown
+    from mod_megatron.training.flops import peak_flops, train_flops_per_token
+    from mod_megatron.training.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(os.path.join(REPO, "configs", f"{config}.yaml"), [
+            *overrides, f"--train.iters={warmup + iters}", "--train.eval_iters=0", "--checkpoint.load=false",
+            f"--checkpoint.dir={tmp}/checkpoints", f"--logging.dir={tmp}", "--logging.tensorboard=false",
+            "--logging.progress_bar=false"])
+        layout = initialize(cfg)
+        data = RandomTokens(cfg.model.seq_length, cfg.model.vocab_size, cfg.train.seed)
+        trainer = Trainer(cfg, layout, data, None, None)
+        batches = trainer._iterators("train", 0)
+        cuda = layout.device.type == "cuda"
+        for _ in range(warmup):
+            trainer.train_step(batches)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = trainer.train_step(batches)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    tokens_per_s = iters * cfg.train.global_batch_size * cfg.model.seq_length / seconds
+    flops_per_token = train_flops_per_token(cfg)
+    card = torch.cuda.get_device_name() if cuda else "CPU"
+    peak = peak_flops(card) if cuda else None
+    result = {"config": config, "card": card, "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
+              "tflops": tokens_per_s * flops_per_token / 1e12, "mfu": tokens_per_s * flops_per_token / peak if peak else None,
+              "peak_flops": peak, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+              "loss": out["loss"], "ms_per_step": seconds / iters * 1e3}
+    shutdown()
+    return result
+
+
+def run_config(config: str, args, overrides: list) -> dict:
+    """measure() in a subprocess of its own; a failure (OOM, bad config) becomes {"error": ...}."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, f"--warmup={args.warmup}",
+           f"--iters={args.iters}", *(SMOKE if args.smoke else []), *overrides]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": config, "error": f"timed out after {args.timeout} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT):])
+    lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}").splitlines()
+    return {"config": config, "error": lines[-1][:200]}
+
+
+def _f(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def format_table(results: list) -> str:
+    by_name = {r["config"]: r for r in results}
+    rows = ["| config | tokens/s | model TFLOP/s | MFU | peak memory GiB | vs dense |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['config']} | failed: {r['error']} | | | | |")
+            continue
+        twin = by_name.get(TWINS.get(r["config"], ""), {})
+        ratio = r["tokens_per_s"] / twin["tokens_per_s"] if twin.get("tokens_per_s") else None
+        rows.append(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.3g} | {_f(r['mfu'], '{:.1%}')} | "
+                    f"{_f(r['peak_mem_gib'], '{:.1f}')} | {_f(ratio, '{:.2f}x')} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=None, choices=sorted(TWINS),
+                   help=f"configs/NAME.yaml to run (default: all; --smoke: {' '.join(SMOKE_CONFIGS)})")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, optimizer state)")
+    p.add_argument("--iters", type=int, default=15, help="timed steps")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per config")
+    p.add_argument("--smoke", action="store_true", help="tiny versions of three configs on the CPU")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one config, print RESULT {...}
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if not (o.startswith("--") and "=" in o and "." in o.split("=", 1)[0])]
+    if bad:
+        p.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --train.micro_batch_size=8)")
+    if args.worker:
+        sys.path.insert(0, REPO)
+        print(RESULT + json.dumps(measure(args.worker, overrides, args.warmup, args.iters)), flush=True)
+        return 0
+    configs = args.configs or (SMOKE_CONFIGS if args.smoke else list(TWINS))
+    results = []
+    for config in configs:
+        results.append(run_config(config, args, overrides))
+        r = results[-1]
+        print(f"# {config}: " + (f"failed: {r['error']}" if "error" in r else
+                                 f"{r['tokens_per_s']:,.0f} tokens/s, {r['ms_per_step']:.1f} ms/step, loss {r['loss']:.3f}"),
+              flush=True)
+    card = next((r["card"] for r in results if "card" in r), "?")
+    peak = next((r["peak_flops"] for r in results if r.get("peak_flops")), None)
+    print(f"\n# {card}" + (f", MFU of {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "")
+          + f"; {args.warmup} warm-up + {args.iters} timed steps per config"
+          + (f"; overrides {' '.join(overrides)}" if overrides else ""))
+    print(format_table(results), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
