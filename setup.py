@@ -20,7 +20,9 @@ setup(
         "psutil>=5.9",  # megatron dist-checkpoint saves hang without it
         "numpy>=1.24",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # transformers/safetensors: only mod-convert to-hf / from-hf and their tests (imported lazily).
+    # 4.57.x is the line tested here (Python 3.11, torch 2.13).
+    extras_require={"test": ["pytest>=7", "transformers>=4.57,<4.58", "safetensors>=0.4.3"]},
     entry_points={
         "console_scripts": [
             "mod-train=mod_megatron.training.cli:main",

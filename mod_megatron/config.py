@@ -46,7 +46,7 @@ class MoDConfig:
     capacity: float = 0.125  # fraction of each sequence's tokens a routed layer processes
     every: int = 2  # route every Nth layer (paper: every other layer)
     first_routed: int = 1  # 0-based index of the first routed layer (paper keeps layer 0 dense)
-    router_weight: str = "sigmoid"  # sigmoid (bounded, default) | linear (paper's raw score)
+    router_weight: str = "sigmoid"  # sigmoid (bounded, default) | linear (paper's raw score) | 2sigmoid (r=1 at 0)
     router_init_std: float = 0.02
     # Causal routing for sampling (docs/inference.md): both are trained on top-k membership.
     aux_loss: bool = True  # BCE between sigmoid(router logit) and "was in the top k"
@@ -54,6 +54,7 @@ class MoDConfig:
     predictor: bool = True  # small MLP (H -> H/8 -> 1) on stop-gradient inputs, its own BCE loss
     predictor_loss_weight: float = 1.0  # touches only the predictor's params (inputs are detached)
     capacity_warmup_iters: int = 0  # capacity goes linearly from 1.0 to `capacity` over N steps
+    fused_routing: str = "auto"  # Triton gather/combine: auto (CUDA + triton) | on (or fail) | off (PyTorch)
 
 
 @dataclass
@@ -196,6 +197,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if typ is str:
+        if isinstance(value, bool):  # YAML reads on/off (and yes/no, true/false) as booleans
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
@@ -299,9 +302,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(mod.every >= 1, f"mod.every must be >= 1 (1 = every layer routed, 2 = every other), got {mod.every}")
     _check(0 <= mod.first_routed < m.num_layers,
            f"mod.first_routed must be a layer index in [0, {m.num_layers - 1}], got {mod.first_routed}")
-    _check(mod.router_weight in ("sigmoid", "linear"), f"mod.router_weight must be sigmoid or linear, got {mod.router_weight!r}")
+    _check(mod.router_weight in ("sigmoid", "linear", "2sigmoid"),
+           f"mod.router_weight must be sigmoid, linear or 2sigmoid, got {mod.router_weight!r}")
     _check(mod.aux_loss_weight >= 0, f"mod.aux_loss_weight must be >= 0 (0 turns the router BCE off), got {mod.aux_loss_weight}")
     _check(mod.predictor_loss_weight >= 0, f"mod.predictor_loss_weight must be >= 0, got {mod.predictor_loss_weight}")
+    _check(mod.fused_routing in ("auto", "on", "off"),
+           f"mod.fused_routing must be auto, on or off, got {mod.fused_routing!r}")
     _check(mod.capacity_warmup_iters >= 0, f"mod.capacity_warmup_iters must be >= 0 (0 = no warm-up), got {mod.capacity_warmup_iters}")
 
     _validate_moe(cfg)

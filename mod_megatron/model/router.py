@@ -23,10 +23,14 @@ def router_weight(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """Map raw router logits to the weight r that scales the residual branch.
 
     `linear` is the paper's raw score (unbounded; large scores can blow up the residual stream);
-    `sigmoid` bounds r to (0, 1) and is the default that trained stably here.
+    `sigmoid` bounds r to (0, 1) and is the default that trained stably here; `2sigmoid` is
+    2 * sigmoid, in (0, 2) with r = 1 at logit 0, so a zero router leaves routed tokens exactly as
+    in a dense layer (what `mod-convert dense-to-mod` starts from).
     """
     if kind == "sigmoid":
         return torch.sigmoid(logits)
+    if kind == "2sigmoid":
+        return 2.0 * torch.sigmoid(logits)
     if kind == "linear":
         return logits
     raise ValueError(f"unknown router weight {kind!r}")
@@ -42,6 +46,8 @@ class Routing:
     # Causal routing only: [k, B] True for real rows; padded rows (at the end of each column) are False
     # and their `index` is S, a dummy row past the sequence. None for top-k (every row is real).
     valid: Optional[torch.Tensor] = None
+    # Sequence parallelism only: this rank's scores [S/tp, B] with the router's gradient (for the aux loss).
+    local_logits: Optional[torch.Tensor] = None
 
 
 def capacity_at(step: int, capacity: float, warmup_iters: int) -> float:

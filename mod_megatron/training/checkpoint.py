@@ -165,7 +165,7 @@ def _prune(root: str, keep_last: int, latest: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -176,7 +176,7 @@ def _sha256(path: str) -> str:
 def _digests(ckpt_dir: str) -> dict:
     """{file: {"size", "sha256"}} of every file in ckpt_dir but mod_meta.json; ranks share the hashing."""
     names = sorted(n for n in os.listdir(ckpt_dir) if n != META)
-    mine = [(n, {"size": os.path.getsize(os.path.join(ckpt_dir, n)), "sha256": _sha256(os.path.join(ckpt_dir, n))})
+    mine = [(n, {"size": os.path.getsize(os.path.join(ckpt_dir, n)), "sha256": sha256_file(os.path.join(ckpt_dir, n))})
             for n in names[_rank()::_world()]]
     return dict(_gather(mine))
 
@@ -189,7 +189,7 @@ def _file_problem(ckpt_dir: str, name: str, want: dict, hashes: bool) -> Optiona
     if size != want["size"]:
         kind = "truncated" if size < want["size"] else "the wrong size"
         return f"{name} is {kind} ({size} bytes, recorded {want['size']})"
-    if hashes and _sha256(path) != want["sha256"]:
+    if hashes and sha256_file(path) != want["sha256"]:
         return f"{name} is corrupt (sha256 differs from the one recorded at save)"
     return None
 
@@ -295,13 +295,22 @@ def read_meta(ckpt_dir: str) -> dict:
     return meta
 
 
-def check_compatible(meta: dict, model_cfg: dict, ckpt_dir: str) -> None:
-    """Refuse a checkpoint of another model shape with one clear line."""
+def check_compatible(meta: dict, model_cfg: dict, ckpt_dir: str, mod_cfg: Optional[dict] = None) -> None:
+    """Refuse a checkpoint of another model shape (or other MoD routing structure) with one clear line.
+
+    The routing keys matter as much as the shapes: which layers hold routers, and how a router logit
+    becomes the weight r (a `dense-to-mod` checkpoint needs router_weight=2sigmoid; read as sigmoid it
+    would silently halve every routed layer's update). The capacity may change (warm-up, schedules)."""
     saved = meta.get("config", {}).get("model", {})
     keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
             "vocab_size", "normalization", "activation", "position_embedding", "untie_embeddings")
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {model_cfg.get(k)!r}"
              for k in keys if k in saved and saved.get(k) != model_cfg.get(k)]
+    saved_mod = meta.get("config", {}).get("mod", {})
+    if mod_cfg is not None and saved_mod.get("enabled") and mod_cfg.get("enabled"):
+        diffs += [f"mod.{k}: checkpoint {saved_mod.get(k)!r} vs config {mod_cfg.get(k)!r}"
+                  for k in ("every", "first_routed", "router_weight")
+                  if k in saved_mod and saved_mod.get(k) != mod_cfg.get(k)]
     if diffs:
         raise CheckpointError(f"{ckpt_dir} was saved for another model shape ({'; '.join(diffs)}); "
                               "point checkpoint.dir elsewhere or match the model config")
@@ -317,7 +326,10 @@ def load(ckpt_dir: str, chunks, optimizer=None, scheduler=None, load_rng: bool =
         template["scheduler"] = None
     try:
         state = dist_checkpointing.load(template, ckpt_dir)
-    except Exception as e:  # a damaged file that passed the checks (e.g. no integrity record)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a damaged file that passed the checks (torch's CheckpointException
+        # from a multi-rank load is a BaseException, not an Exception)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"cannot load {ckpt_dir}: {type(e).__name__}: {first}") from e
     for i, chunk in enumerate(chunks):

@@ -132,7 +132,7 @@ class Trainer:
         if path is None:
             return
         saved = ckpt.read_meta(path)
-        ckpt.check_compatible(saved, self.cfg.to_dict()["model"], path)
+        ckpt.check_compatible(saved, self.cfg.to_dict()["model"], path, self.cfg.to_dict()["mod"])
         engine = saved.get("engine", "megatron")
         if engine != self.ENGINE:
             convert = " or convert it with mod-convert from-deepspeed" if engine == "deepspeed" else ""
@@ -155,7 +155,7 @@ class Trainer:
             if problem:
                 raise ckpt.CheckpointError(f"checkpoint.init_from={source} is unusable: {problem}")
         saved = ckpt.read_meta(path)
-        ckpt.check_compatible(saved, self.cfg.to_dict()["model"], path)
+        ckpt.check_compatible(saved, self.cfg.to_dict()["model"], path, self.cfg.to_dict()["mod"])
         ckpt.load(path, self.chunks, load_rng=False)
         self.optimizer.reload_model_params()  # the fp32 main copy of bf16 params follows the new weights
         self.initialised_from = path
@@ -172,7 +172,7 @@ class Trainer:
     def save(self) -> str:
         meta = dict(self.meta, config=self.cfg.to_dict(), consumed_samples=self.consumed_samples,
                     layout={"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
-                            "vpp": self.cfg.parallel.vpp})
+                            "ep": self.cfg.moe.ep, "vpp": self.cfg.parallel.vpp})
         return ckpt.save(self.cfg.checkpoint.dir, self.iteration, self.chunks, self.optimizer, self.scheduler,
                          meta, keep_last=self.cfg.checkpoint.keep_last)
 
@@ -348,7 +348,7 @@ class Trainer:
     def _eval_and_log(self) -> dict:
         valid, heldout = self.evaluate("valid"), self.evaluate("heldout")
         res = {"iteration": self.iteration, "valid_loss": valid, "heldout_loss": heldout}
-        if self.layout.is_logger:
+        if self.layout.is_logger and valid is not None and heldout is not None:  # eval_iters=0: nothing to show
             self.log.scalars(self.iteration, {"eval/valid_loss": valid, "eval/heldout_loss": heldout,
                                               "eval/valid_ppl": _ppl(valid), "eval/heldout_ppl": _ppl(heldout)})
             self.log.info(f"eval  {self.iteration:6d} | valid {valid:.4f} (ppl {_ppl(valid):.1f}) | "
