@@ -11,6 +11,7 @@ dataset.
   mod-preprocess --input a.txt b.jsonl --output-prefix out/mydata --tokenizer-model tok.model
   mod-preprocess --input a.txt --output-prefix out/mydata --vocab-size 4096   # trains out/mydata.model
   mod-preprocess --default-corpus --data-dir ./data [--vocab-size 4096]
+  mod-preprocess --corpus debian-docs --data-dir ./data      # mod_megatron/data/debian_docs.py
 
 prepare_data() does the whole default pipeline (download, tokenizer, both datasets), cached.
 """
@@ -167,12 +168,16 @@ def parse_args(argv):
                       help=".txt (one document per file) or .jsonl ({'text': ...} per line)")
     mode.add_argument("--default-corpus", action="store_true",
                       help="download and prepare Shakespeare (train) + KJV (held-out)")
+    mode.add_argument("--corpus", choices=["default", "debian-docs"],
+                      help="a named corpus: default (= --default-corpus) or debian-docs (Debian "
+                           "python/linux/perl docs via apt-get, KJV held-out; vocab default 8192)")
     p.add_argument("--output-prefix", help="writes PREFIX.bin, PREFIX.idx, PREFIX.json")
     p.add_argument("--tokenizer-model", help="SentencePiece model from this package")
     p.add_argument("--vocab-size", type=int,
                    help="train a new tokenizer of this size (saved as PREFIX.model) when "
                         "--tokenizer-model is not given; default-corpus vocab (default 4096)")
-    p.add_argument("--data-dir", default="data", help="data directory for --default-corpus")
+    p.add_argument("--data-dir", default="data", help="data directory for --default-corpus / --corpus")
+    p.add_argument("--deb-dir", help="debian-docs: where the .deb files are or go (default DATA_DIR/downloads/debian)")
     args = p.parse_args(argv)
     if args.input and not args.output_prefix:
         p.error("--input needs --output-prefix")
@@ -184,7 +189,14 @@ def parse_args(argv):
 
 
 def run(args):
-    if args.default_corpus:
+    if args.corpus == "debian-docs":
+        from mod_megatron.data.debian_docs import prepare_debian_docs
+
+        paths = prepare_debian_docs(args.data_dir, args.vocab_size or 8192, args.deb_dir)
+        for key, value in paths.items():
+            print(f"{key}: {value}")
+        return
+    if args.default_corpus or args.corpus == "default":
         paths = prepare_data(args.data_dir, args.vocab_size or 4096)
         for key, value in paths.items():
             print(f"{key}: {value}")

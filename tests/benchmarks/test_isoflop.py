@@ -1,0 +1,49 @@
+"""benchmarks/isoflop.py end to end on CPU (`--smoke`: tiny model, two budgets of a few steps, real
+mod-train and mod-eval subprocesses) and its one-line error when the corpus is missing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "benchmarks", "isoflop.py")
+
+
+def run(*args, timeout=600):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_smoke_writes_results_and_table(tmp_path, prepared):
+    out = tmp_path / "out"
+    proc = run("--smoke", "--parallel", f"--data-dir={prepared['data_dir']}", f"--out={out}",
+               f"--runs-dir={tmp_path / 'runs'}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(r["name"] for r in runs) == ["b1-dense", "b1-mod", "b2-dense", "b2-mod"]
+    by = {r["name"]: r for r in runs}
+    for r in runs:
+        assert "error" not in r
+        assert abs(r["total_flops"] - r["budget"]) <= r["flops_per_step"] / 2  # matched to the budget
+        assert r["curve"][-1][0] == r["iters"] and r["params"] > 0
+        assert set(r["eval"]["topk"]) == {"valid", "heldout"}
+        assert abs(r["eval"]["topk"]["valid"] - r["valid_loss"]) < 1e-3  # mod-eval agrees with training's eval
+    for b in ("b1", "b2"):
+        dense, mod = by[f"{b}-dense"], by[f"{b}-mod"]
+        assert mod["flops_per_step"] < dense["flops_per_step"] and mod["iters"] >= dense["iters"]
+        assert set(mod["eval"]) == {"topk", "causal-router", "causal-predictor"} and set(dense["eval"]) == {"topk"}
+        assert mod["params"] > dense["params"]  # router + predictor
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| budget | model | params | iters | total FLOPs | wall s | tokens/s | valid (topk)")
+    assert len(table) == 2 + 4 and (out / "results.md").read_text().startswith(table[0])
+    assert sorted(os.listdir(out / "logs")) == sorted(f"{n}.{step}.log" for n in by for step in ("train", "eval"))
+
+
+def test_missing_corpus_is_one_error_line(tmp_path):
+    proc = run(f"--data-dir={tmp_path}", "--dry-run", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "mod-preprocess --corpus debian-docs" in proc.stderr
