@@ -79,7 +79,7 @@ def _max_delta(a: dict, b: dict, steps) -> float:
     return max(abs(a[s] - b[s]) for s in steps)
 
 
-def equivalence(out: str, n: int, steps: int = 20) -> list[dict]:
+def equivalence(out: str, n: int, steps: int = 20, families: str = "MoD,MoDE", only: str = "") -> list[dict]:
     common = SMALL + [f"--train.iters={steps}", "--train.micro_batch_size=8"]
     rows = []
     for family, extra, layouts in (
@@ -87,6 +87,9 @@ def equivalence(out: str, n: int, steps: int = 20) -> list[dict]:
                          (f"PP={n}", [f"--parallel.pp={n}"]), (f"DP={n}", [f"--train.micro_batch_size={16 // n}"])]),
             ("MoDE", MODE, [(f"EP={n}", [f"--moe.ep={n}", f"--train.micro_batch_size={16 // n}"]),
                             (f"TP={n}+SP", [f"--parallel.tp={n}", "--parallel.sp=true"])])):
+        if family not in families.split(","):
+            continue
+        layouts = [(name, args) for name, args in layouts if not only or name in only.split(",")]
         # megatron's initialisation depends on the layout (a pipeline stage or expert rank draws its weights
         # from its own RNG stream): write the initial weights once and start every layout from them.
         init = launch(out, f"eq-{family}-init", 1, common + extra + ["--train.iters=0"])
@@ -124,11 +127,12 @@ def launch_resume(out: str, n: int) -> dict:
     return res
 
 
-def scaling(out: str, n: int, iters: int = 12) -> list[dict]:
+def scaling(out: str, n: int, iters: int = 12, layouts: str = "tp,pp,dp") -> list[dict]:
     rows = []
-    for name, nproc, args in (("1 GPU", 1, []), (f"TP={n}", n, [f"--parallel.tp={n}"]),
-                              (f"PP={n}", n, [f"--parallel.pp={n}"]), (f"DP={n}", n, [])):
-        r = launch(out, f"scale-{name.replace('=', '')}", nproc, BIG + [f"--train.iters={iters}"])
+    runs = [("1 GPU", 1, [])] + [(f"{kind.upper()}={n}", n, [f"--parallel.{kind}={n}"] if kind != "dp" else [])
+                                 for kind in layouts.split(",")]
+    for name, nproc, args in runs:
+        r = launch(out, f"scale-{name.replace('=', '').replace(' ', '')}", nproc, BIG + [f"--train.iters={iters}"] + args)
         s = r["summary"]
         rows.append({"layout": name, "gpus": nproc, "tokens_per_s": s.get("tokens_per_s"), "mfu": s.get("mfu"),
                      "loss": s.get("train_loss"), "wall_s": r["wall_s"]})
@@ -174,6 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="equivalence steps")
     p.add_argument("--scaling-iters", type=int, default=12)
+    p.add_argument("--layouts", default="tp,pp,dp", help="scaling: comma-separated subset of tp,pp,dp")
+    p.add_argument("--families", default="MoD,MoDE", help="equivalence: MoD and/or MoDE")
+    p.add_argument("--only", default="", help="equivalence: only these layouts, e.g. 'TP=2+SP,EP=2'")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     try:
@@ -190,11 +197,11 @@ def main(argv=None) -> int:
     for part in parts:
         try:
             if part == "equivalence":
-                res[part] = equivalence(a.out, a.gpus, a.steps)
+                res[part] = equivalence(a.out, a.gpus, a.steps, a.families, a.only)
             elif part == "launch":
                 res[part] = launch_resume(a.out, a.gpus)
             else:
-                res[part] = scaling(a.out, a.gpus, a.scaling_iters)
+                res[part] = scaling(a.out, a.gpus, a.scaling_iters, a.layouts)
         except RuntimeError as e:
             print(f"error: {part}: {e}", file=sys.stderr, flush=True)
             rc = 1

@@ -87,9 +87,11 @@ def main(argv=None) -> int:
         summary = trainer.run()
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        _quiet_shutdown()
         return 2
     except NumericalError as e:  # NaN/Inf (train.nan_policy): nothing applied, nothing saved
         print(f"error: {e}", file=sys.stderr)
+        _quiet_shutdown()
         return 3
     except (DistError, RuntimeError) as e:  # a rank died or hung (train.dist_timeout_minutes): fail, don't hang
         first = (str(e).strip().splitlines() or [""])[0][:300]
@@ -108,6 +110,18 @@ def main(argv=None) -> int:
                   f"checkpoint {summary['checkpoint']}", flush=True)
     shutdown()
     return 0
+
+
+def _quiet_shutdown() -> None:
+    """Tear the process groups down after a clean error (every rank raised it), so that the exit status
+    is the error's: left up, gloo's threads can abort the interpreter at exit ("terminate called
+    without an active exception", status -6). Not after a lost peer: a collective teardown could hang."""
+    try:
+        from mod_megatron.training.distributed import shutdown
+
+        shutdown()
+    except Exception:
+        pass
 
 
 # How gloo / NCCL report a dead or hung peer (they raise plain RuntimeErrors).

@@ -51,3 +51,12 @@ def test_init_from_a_missing_checkpoint_is_one_clear_line(tmp_path, prepared):
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "init_from" in err[0], proc.stderr
+
+
+def test_other_router_weight_kind_is_refused(tmp_path, prepared, init_ckpt):
+    """A checkpoint's routers read with another logit -> r map would silently change the model."""
+    proc = run_train(tmp_path, prepared, "--train.iters=1", "--mod.router_weight=linear",
+                     f"--checkpoint.init_from={init_ckpt}", check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "mod.router_weight: checkpoint 'sigmoid' vs config 'linear'" in err[0], proc.stderr
