@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 
 
@@ -72,18 +73,26 @@ def main(argv=None) -> int:
     from mod_megatron.training.numerics import NumericalError
     from torch.distributed import DistError
 
+    t_main = time.time()
     try:
         cfg = load_config(args.config, overrides)
         from mod_megatron.training.distributed import initialize, shutdown
 
         layout = initialize(cfg)
+        t_groups = time.time()
         (train_ds, valid_ds, heldout_ds), meta = prepare_inputs(cfg, layout)
+        t_data = time.time()
         if cfg.train.engine == "deepspeed":
             from mod_megatron.training.ds_engine import DeepSpeedTrainer as Trainer
         else:
             from mod_megatron.training.trainer import Trainer
 
         trainer = Trainer(cfg, layout, train_ds, valid_ds, heldout_ds, meta=meta)
+        if layout.is_logger:  # where a process's start-up goes (imports, groups, data, model + checkpoint)
+            t_model, t_proc = time.time(), _process_start(t_main)
+            print(f"setup {t_model - t_proc:.1f} s: interpreter and imports {t_main - t_proc:.1f} | process groups "
+                  f"{t_groups - t_main:.1f} | data {t_data - t_groups:.1f} | model, optimizer, checkpoint "
+                  f"{t_model - t_data:.1f}", flush=True)
         summary = trainer.run()
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -110,6 +119,15 @@ def main(argv=None) -> int:
                   f"checkpoint {summary['checkpoint']}", flush=True)
     shutdown()
     return 0
+
+
+def _process_start(fallback: float) -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:
+        return fallback
 
 
 def _quiet_shutdown() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -65,8 +66,13 @@ def scalars(log_dir, tag):
 
 
 def test_short_run_lowers_loss_and_logs(tmp_path, prepared):
-    run_train(tmp_path, prepared, "--train.iters=40", "--train.eval_interval=20")
+    proc = run_train(tmp_path, prepared, "--train.iters=40", "--train.eval_interval=20")
     log_dir = tmp_path / "run"
+    setup = re.search(r"setup ([0-9.]+) s: interpreter and imports ([0-9.]+) \| process groups ([0-9.]+) \| "
+                      r"data ([0-9.]+) \| model, optimizer, checkpoint ([0-9.]+)", proc.stdout)
+    assert setup, proc.stdout[:2000]
+    total, *parts = map(float, setup.groups())
+    assert total > 0 and abs(sum(parts) - total) < 0.35  # the phases add up (each rounded to 0.1 s)
     train = scalars(log_dir, "train/loss")
     assert [s for s, _ in train] == list(range(1, 41))
     assert sum(v for _, v in train[-5:]) / 5 < sum(v for _, v in train[:5]) / 5 - 1.0
