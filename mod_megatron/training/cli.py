@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     from torch.distributed import DistError
 
     t_main = time.time()
+    import torch.distributed as dist
+
+    owns_groups = not dist.is_initialized()  # an in-process caller (tests) may hold its own groups
     try:
         cfg = load_config(args.config, overrides)
         from mod_megatron.training.distributed import initialize, shutdown
@@ -96,11 +99,11 @@ def main(argv=None) -> int:
         summary = trainer.run()
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        _quiet_shutdown()
+        _quiet_shutdown(owns_groups)
         return 2
     except NumericalError as e:  # NaN/Inf (train.nan_policy): nothing applied, nothing saved
         print(f"error: {e}", file=sys.stderr)
-        _quiet_shutdown()
+        _quiet_shutdown(owns_groups)
         return 3
     except (DistError, RuntimeError) as e:  # a rank died or hung (train.dist_timeout_minutes): fail, don't hang
         first = (str(e).strip().splitlines() or [""])[0][:300]
@@ -130,10 +133,13 @@ def _process_start(fallback: float) -> float:
         return fallback
 
 
-def _quiet_shutdown() -> None:
+def _quiet_shutdown(owns_groups: bool) -> None:
     """Tear the process groups down after a clean error (every rank raised it), so that the exit status
     is the error's: left up, gloo's threads can abort the interpreter at exit ("terminate called
-    without an active exception", status -6). Not after a lost peer: a collective teardown could hang."""
+    without an active exception", status -6). Not after a lost peer: a collective teardown could hang.
+    Only groups this call started: an in-process caller's own groups stay up."""
+    if not owns_groups:
+        return
     try:
         from mod_megatron.training.distributed import shutdown
 
