@@ -19,6 +19,7 @@ from typing import Optional
 import yaml
 
 from mod_megatron.config import padded_vocab, ModelConfig
+from mod_megatron.data.common import sha256_file
 from mod_megatron.convert.deepspeed import ConversionError
 from mod_megatron.training import checkpoint as ckpt
 
@@ -27,9 +28,7 @@ MODEL_SECTIONS = ("model", "mod", "moe")  # the sections that define the weights
 
 def open_source(path: str, tokenizer: Optional[str] = None) -> tuple[str, dict]:
     """(checkpoint directory, its meta) for a checkpoint root or iter_NNNNNNN directory, all checked."""
-    from mod_megatron.inference.loading import resolve_checkpoint
-
-    ckpt_dir = resolve_checkpoint(path)
+    ckpt_dir = ckpt.resolve_checkpoint(path)
     meta = ckpt.read_meta(ckpt_dir)  # CheckpointError on a wrong format_version or missing meta
     problem = ckpt.verify(ckpt_dir, hashes=True)
     if problem is not None:
@@ -52,7 +51,7 @@ def check_tokenizer(meta: dict, tokenizer: str, ckpt_dir: str) -> None:
     saved = meta.get("tokenizer_sha256")
     if saved is None:
         raise ConversionError(f"{ckpt_dir} records no tokenizer hash; leave --tokenizer out to convert it")
-    got = ckpt.sha256_file(tokenizer)
+    got = sha256_file(tokenizer)
     if got != saved:
         raise ConversionError(f"tokenizer mismatch: {tokenizer} has sha256 {got[:12]}..., the checkpoint was "
                               f"trained with {saved[:12]}... ({meta.get('tokenizer_model', 'path unknown')})")

@@ -1,4 +1,4 @@
-"""Shared bits of the data pipeline: the one-line DataError and atomic file writes.
+"""Shared bits of the data pipeline: the one-line DataError, atomic file writes, file hashes.
 
 Every user-facing failure in mod_megatron.data raises DataError with a message that
 fits on one line and says what to do; the CLI prints it as `error: ...` (no traceback).
@@ -9,6 +9,7 @@ under the final name.
 """
 
 import contextlib
+import hashlib
 import os
 
 
@@ -48,3 +49,12 @@ def atomic_write_bytes(path, data):
 def atomic_write_text(path, text):
     """Write UTF-8 text to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path):
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks (checkpoint integrity, tokenizer and .deb hashes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

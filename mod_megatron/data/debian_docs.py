@@ -40,7 +40,7 @@ import subprocess
 import tempfile
 
 from mod_megatron.data import corpus
-from mod_megatron.data.common import DataError, DownloadError, atomic_write_text
+from mod_megatron.data.common import DataError, DownloadError, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -331,14 +331,6 @@ def unpack_deb(deb_path, dest):
         raise DataError(f"cannot unpack {deb_path} ({reason}); delete it and re-run to fetch it again")
 
 
-def _sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def build_raw_corpus(raw_path, manifest_path, deb_dir, packages=PACKAGES):
     """Download (if needed), unpack and extract the packages; write the JSONL (split order) and the
     manifest. Returns the manifest dict."""
@@ -352,7 +344,7 @@ def build_raw_corpus(raw_path, manifest_path, deb_dir, packages=PACKAGES):
             raise DataError(f"{deb}: no documentation text found (is it a -doc package?)")
         logger.info("%s: %d documents, %.1f MB of text", package, len(package_docs), stats["chars"] / 1e6)
         docs += package_docs
-        manifest["packages"][package] = dict(deb=os.path.basename(deb), sha256=_sha256_file(deb),
+        manifest["packages"][package] = dict(deb=os.path.basename(deb), sha256=sha256_file(deb),
                                              documents=len(package_docs), **stats)
     docs = split_order(docs)
     manifest.update(documents=len(docs), chars=sum(len(d["text"]) for d in docs),

@@ -110,8 +110,8 @@ def main(argv=None) -> int:
         if not 0.0 < args.top_p <= 1.0 or args.top_k < 0:
             raise InputError("--top-p must be in (0, 1] and --top-k >= 0")
         from mod_megatron.data.tokenizer import SPTokenizer
-        from mod_megatron.inference.loading import checkpoint_config, load_model, resolve_checkpoint
-        from mod_megatron.training.checkpoint import read_meta
+        from mod_megatron.inference.loading import checkpoint_config, load_model
+        from mod_megatron.training.checkpoint import read_meta, resolve_checkpoint
 
         # Prompts are checked before the model is built: bad input fails fast.
         ckpt_dir = resolve_checkpoint(args.checkpoint)

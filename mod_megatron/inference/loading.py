@@ -13,21 +13,9 @@ from typing import Optional
 import yaml
 
 from mod_megatron.training import checkpoint as ckpt
-from mod_megatron.training.checkpoint import CheckpointError
+from mod_megatron.training.checkpoint import CheckpointError, resolve_checkpoint
 
 MODEL_SECTIONS = ("model", "mod", "moe")  # always taken from the checkpoint
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint root (with a `latest` tracker) or one iter_NNNNNNN directory -> that directory."""
-    if os.path.isfile(os.path.join(path, ckpt.META)):
-        return path
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    it = ckpt.latest_iteration(path)
-    if it is None:
-        raise CheckpointError(f"{path} holds no checkpoint (no `latest` tracker and no {ckpt.META})")
-    return os.path.join(path, ckpt.iter_dirname(it))
 
 
 def checkpoint_config(ckpt_dir: str, config_path: Optional[str] = None, overrides=()):

@@ -16,7 +16,6 @@ checkpoint that passes, saying which one it used and why; `save` refuses non-fin
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from mod_megatron.data.common import sha256_file
 
 TRACKER = "latest"
 META = "mod_meta.json"
@@ -165,14 +166,6 @@ def _prune(root: str, keep_last: int, latest: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _digests(ckpt_dir: str) -> dict:
     """{file: {"size", "sha256"}} of every file in ckpt_dir but mod_meta.json; ranks share the hashing."""
     names = sorted(n for n in os.listdir(ckpt_dir) if n != META)
@@ -278,6 +271,18 @@ def latest_iteration(root: str) -> Optional[int]:
     if not os.path.isfile(os.path.join(ckpt, META)):
         raise CheckpointError(f"{path} names iteration {iteration} but {ckpt} is missing or incomplete")
     return iteration
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint root (with a `latest` tracker) or one iter_NNNNNNN directory -> that directory."""
+    if os.path.isfile(os.path.join(path, META)):
+        return path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    it = latest_iteration(path)
+    if it is None:
+        raise CheckpointError(f"{path} holds no checkpoint (no `latest` tracker and no {META})")
+    return os.path.join(path, iter_dirname(it))
 
 
 def read_meta(ckpt_dir: str) -> dict:

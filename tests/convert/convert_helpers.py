@@ -61,7 +61,7 @@ def batch(cfg, n: int = 8, start: int = 100_000) -> dict:
 
 
 def _train(cfg, layout, tokenizer: str):
-    from mod_megatron.training.checkpoint import sha256_file
+    from mod_megatron.data.common import sha256_file
     from mod_megatron.training.trainer import Trainer
 
     ds = MarkovTokens(cfg.model.vocab_size, cfg.model.seq_length)
@@ -94,7 +94,7 @@ def make_checkpoint(root: Path, *overrides: str, world_size: int = 1, tp: int = 
 def checkpoint_overrides(ckpt_dir) -> list[str]:
     """The model-defining overrides saved in a checkpoint's meta (its config), for run_layout."""
     from mod_megatron.convert.common import overrides_from
-    from mod_megatron.inference.loading import resolve_checkpoint
+    from mod_megatron.training.checkpoint import resolve_checkpoint
     from mod_megatron.training import checkpoint as ckpt
 
     meta = ckpt.read_meta(resolve_checkpoint(str(ckpt_dir)))
@@ -109,7 +109,7 @@ def rank_outputs(cfg, layout, ckpt_dir: str, labels: bool = False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-    from mod_megatron.inference.loading import resolve_checkpoint
+    from mod_megatron.training.checkpoint import resolve_checkpoint
     from mod_megatron.training import checkpoint as ckpt
     from mod_megatron.training.builder import build_model_chunks
 
@@ -152,7 +152,7 @@ def outputs_at(ckpt_dir, world_size: int = 1, tp: int = 1, pp: int = 1, ep: int 
 def load_single(ckpt_dir, device):
     """The model of a checkpoint on this (TP = PP = 1) rank, built from its saved config, in eval mode."""
     from mod_megatron.config import load_config
-    from mod_megatron.inference.loading import resolve_checkpoint
+    from mod_megatron.training.checkpoint import resolve_checkpoint
     from mod_megatron.training import checkpoint as ckpt
     from mod_megatron.training.builder import build_model_chunks
 
