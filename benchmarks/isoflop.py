@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -211,10 +211,11 @@ def last_error(log_path) -> str:
 
 
 def parse_curve(log_path) -> list:
-    """[(iteration, train loss)] from mod-train's log lines `iter N/T | loss X | ...`."""
-    pattern = re.compile(r"iter\s+(\d+)/\d+ \| loss ([0-9.]+)")
+    """[(iteration, train loss)] from mod-train's log lines `iter N/T | loss X | ...` (finite losses only)."""
+    from mod_megatron.training.logger import step_losses
+
     with open(log_path, errors="replace") as f:
-        return [(int(m.group(1)), float(m.group(2))) for m in map(pattern.search, f) if m]
+        return [(it, loss) for it, loss in step_losses(f.read()) if math.isfinite(loss)]
 
 
 def parse_eval(log_path) -> dict:

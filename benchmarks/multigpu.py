@@ -27,6 +27,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from mod_megatron.training.logger import step_losses  # noqa: E402  (after the path line)
 LOCAL = os.path.join(REPO, "launch", "local.sh")
 
 SMALL = ["--model.num_layers=4", "--model.hidden_size=256", "--model.num_attention_heads=8",
@@ -61,8 +64,7 @@ def launch(out: str, name: str, nproc: int, args: list[str], ckpt: str | None = 
         errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("error:") or "Error" in ln]
         tail = "\n".join(errors[:5] or proc.stdout.splitlines()[-25:])
         raise RuntimeError(f"{name} failed with status {proc.returncode}:\n{tail}")
-    losses = {int(m.group(1)): float(m.group(2))
-              for m in re.finditer(r"iter +(\d+)/\d+ \| loss ([0-9.naif]+)", proc.stdout)}
+    losses = dict(step_losses(proc.stdout))
     summary = {}
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json")) as f:

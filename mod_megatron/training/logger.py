@@ -2,9 +2,20 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from typing import Optional
+
+
+# The per-step line Trainer.run prints ("iter     20/300 | loss 4.8780 | lr ..."); benchmark drivers read
+# mod-train's output back with step_losses.
+STEP_LINE = re.compile(r"iter\s+(\d+)/\d+ \| loss (\S+) \|")
+
+
+def step_losses(text: str) -> list[tuple[int, float]]:
+    """[(iteration, training loss)] of every step line in mod-train's output, in order (nan/inf kept)."""
+    return [(int(m.group(1)), float(m.group(2))) for m in STEP_LINE.finditer(text)]
 
 
 class RunLogger:
