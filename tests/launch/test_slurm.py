@@ -61,6 +61,16 @@ def complete_checkpoint(ckpt, it):
     return meta.is_file() and json.loads(meta.read_text())["iteration"] == it
 
 
+
+def wait_for_progress(slurm, job, out, pattern: str, timeout: float = 120) -> None:
+    """Until the job's output file matches `pattern`; fails if that takes longer or the job ends first."""
+    deadline = time.time() + timeout
+    while not (out.exists() and re.search(pattern, out.read_text())):
+        text = out.read_text() if out.exists() else ""
+        assert time.time() < deadline, f"no training progress:\n{text[-3000:]}"
+        assert slurm.job_info(job).get("JobState") not in TERMINAL_STATES, f"job ended early:\n{text[-3000:]}"
+        time.sleep(0.2)
+
 def test_sbatch_trains_two_ranks_to_the_end(slurm, tmp_path, prepared):
     out = tmp_path / "job.out"
     job = slurm.sbatch([f"--chdir={REPO}", f"--output={out}", SBATCH, *overrides(tmp_path, prepared, iters=6)],
@@ -89,12 +99,7 @@ def test_sigterm_saves_then_the_job_requeues_and_resumes(slurm, tmp_path, prepar
     env = job_env(slurm, MOD_ARGS=" ".join(args))
     job = slurm.sbatch([f"--chdir={REPO}", f"--output={out}", SBATCH], env=env)
     try:
-        deadline = time.time() + 120
-        while not (out.exists() and re.search(rf"iter +2/{iters}", out.read_text())):
-            text = out.read_text() if out.exists() else ""
-            assert time.time() < deadline, f"no training progress:\n{text[-3000:]}"
-            assert slurm.job_info(job).get("JobState") not in TERMINAL_STATES, f"job ended early:\n{text[-3000:]}"
-            time.sleep(0.2)
+        wait_for_progress(slurm, job, out, rf"iter +2/{iters}")
         slurm.run(["scancel", "--signal=TERM", job])
         info = slurm.wait_job(job, timeout=240, min_restarts=1)
     finally:
@@ -126,12 +131,7 @@ def test_sigterm_after_a_periodic_save_still_saves(slurm, tmp_path, prepared):
     job = slurm.sbatch([f"--chdir={REPO}", f"--output={out}", SBATCH, *overrides(tmp_path, prepared, 1000),
                         "--checkpoint.save_interval=2"], env=job_env(slurm, MOD_REQUEUE="0", NPROC_PER_NODE="1"))
     try:
-        deadline = time.time() + 120
-        while not (out.exists() and re.search(r"iter +5/1000", out.read_text())):
-            text = out.read_text() if out.exists() else ""
-            assert time.time() < deadline, f"no training progress:\n{text[-3000:]}"
-            assert slurm.job_info(job).get("JobState") not in TERMINAL_STATES, f"job ended early:\n{text[-3000:]}"
-            time.sleep(0.2)
+        wait_for_progress(slurm, job, out, r"iter +5/1000")
         slurm.run(["scancel", "--signal=TERM", job])
         info = slurm.wait_job(job, timeout=120)
     finally:
