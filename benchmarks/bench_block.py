@@ -5,9 +5,9 @@ MoD layer at several capacities, times fwd+bwd on random [S, B, H] inputs and pr
 ms per step and speed-up over dense. On a GPU it runs in bf16; on a CPU (fp32) use small sizes,
 e.g. `--hidden 256 --seq 512 --batch 2`. Ideal speed-up at capacity c is about 1/c.
 
-`--cuda-graph` also times each layer with its whole fwd+bwd captured once in a CUDA graph and
-replayed (shapes are static, and so is k): that removes the CPU's launch and Python overhead, which
-bounds small routed blocks. Config overrides (`--mod.predictor=false`, `--mod.fused_routing=off`)
+`--cuda-graph` also times each layer with its forward and backward captured once in CUDA graphs and
+replayed, exactly as `train.cuda_graphs` does in training (shapes are static, and so is k): that
+removes the CPU's launch and Python overhead, which bounds small routed blocks. Config overrides (`--mod.predictor=false`, `--mod.fused_routing=off`)
 apply to every layer built.
 """
 from __future__ import annotations
@@ -57,30 +57,6 @@ def make_step(layer, x, rope):
     return step
 
 
-def graphed_step(layer, x, rope, warmup: int = 3):
-    """Capture one fwd+bwd of `layer` on the static input `x` in a CUDA graph; return its replay.
-
-    Warm-up runs on a side stream (as torch.cuda.graphs asks); grads are set to None before the
-    capture, so each replay writes fresh grads (x.grad and the params' .grad) into the graph's memory.
-    """
-    step = make_step(layer, x, rope)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    layer.zero_grad(set_to_none=True)
-    x.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-
-    def replay():  # holds the graph (and its memory pool) for as long as it lives
-        graph.replay()
-    return replay
-
-
 def time_fn(fn, warmup: int, iters: int, cuda: bool) -> float:
     for _ in range(warmup):
         fn()
@@ -99,14 +75,22 @@ def time_layer(layer, x, rope, warmup: int, iters: int) -> float:
 
 
 def time_graphed(layer, x, rope, warmup: int, iters: int):
-    """ms per replayed fwd+bwd, or the reason the capture failed."""
+    """ms per fwd+bwd with the layer graphed as in training (train.cuda_graphs), or why capture failed."""
+    from mod_megatron.training.cuda_graphs import ChunkGraphs
+
+    graphs = ChunkGraphs([layer])
+    step = make_step(layer, x, rope)
     try:
-        replay = graphed_step(layer, x, rope)
-    except Exception as e:  # e.g. a host sync inside the step: report it, keep the eager numbers
-        torch.cuda.synchronize()
-        return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    t = time_fn(replay, warmup, iters, True)
-    del replay
+        step()  # the first training forward captures
+    except Exception as e:  # report it (full traceback on stderr), keep the eager numbers
+        import traceback
+
+        traceback.print_exc()
+        return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    if graphs.graphed is None:
+        return "not captured (the layer ran eagerly)"
+    t = time_fn(step, warmup, iters, True)
+    assert graphs.replays >= iters, "the timed steps did not replay the graph"
     return t
 
 
@@ -138,7 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--cuda-graph", action="store_true",
-                   help="also time the dense layer's fwd+bwd captured in a CUDA graph (GPU only; MoD layers are not capturable yet)")
+                   help="also time each layer graphed as by train.cuda_graphs (GPU only)")
     p.add_argument("--profile", action="store_true",
                    help="also print the top kernels of the smallest-capacity MoD layer (torch.profiler)")
     args, overrides = p.parse_known_args(argv)
@@ -167,11 +151,7 @@ def main(argv=None) -> int:
                 layer = build_layer(hidden, heads, c, dtype, overrides).to(device=device, dtype=dtype)
                 layer.load_state_dict(dense.state_dict(), strict=False)
             t = time_layer(layer, x, rope, args.warmup, args.iters)
-            # A MoD layer is not capturable yet: megatron-core's CUDA RNG tracker advances its offset during
-            # the forward ("Offset increment outside graph capture"), and a failed capture leaves the CUDA
-            # context unusable for the rows after it (measured on an H100, docs/benchmarks.md).
-            tg = (time_graphed(layer, x, rope, args.warmup, args.iters) if c is None else
-                  "not capturable yet (megatron RNG tracker)") if graphs else None
+            tg = time_graphed(layer, x, rope, args.warmup, args.iters) if graphs else None
             if c is None:
                 base = {"eager": t, "graph": tg}
             name = "dense" if c is None else f"MoD c={c:g}"

@@ -60,7 +60,7 @@ class RandomTokens:
                 "position_ids": torch.arange(self.seq_length)}
 
 
-def measure(config: str, overrides: list, warmup: int, iters: int) -> dict:
+def measure(config: str, overrides: list, warmup: int, iters: int, profile: str = None) -> dict:
     """Build the Trainer for `config`, run warmup + iters steps, return the numbers of the timed ones."""
     import torch
 
@@ -79,16 +79,20 @@ def measure(config: str, overrides: list, warmup: int, iters: int) -> dict:
         trainer = Trainer(cfg, layout, data, None, None)
         batches = trainer._iterators("train", 0)
         cuda = layout.device.type == "cuda"
+        losses = []
         for _ in range(warmup):
-            trainer.train_step(batches)
+            losses.append(trainer.train_step(batches)["loss"])
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(iters):
             out = trainer.train_step(batches)
+            losses.append(out["loss"])
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+        if profile:
+            write_profile(trainer, batches, os.path.join(profile, f"{config}.txt"), cuda)
     tokens_per_s = iters * cfg.train.global_batch_size * cfg.model.seq_length / seconds
     flops_per_token = train_flops_per_token(cfg)
     card = torch.cuda.get_device_name() if cuda else "CPU"
@@ -96,15 +100,35 @@ def measure(config: str, overrides: list, warmup: int, iters: int) -> dict:
     result = {"config": config, "card": card, "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
               "tflops": tokens_per_s * flops_per_token / 1e12, "mfu": tokens_per_s * flops_per_token / peak if peak else None,
               "peak_flops": peak, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-              "loss": out["loss"], "ms_per_step": seconds / iters * 1e3}
+              "loss": out["loss"], "losses": losses, "ms_per_step": seconds / iters * 1e3,
+              "cuda_graph_layers": sum(len(g.layers) for g in trainer.graphs if g.graphed),
+              "cuda_graph_replays": sum(g.replays for g in trainer.graphs)}
     shutdown()
     return result
+
+
+def write_profile(trainer, batches, path: str, cuda: bool, steps: int = 2) -> None:
+    """Top kernels (by device time on a GPU) of a few more training steps, as a text table."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            trainer.train_step(batches)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"# {steps} training steps\n")
+        f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
 
 
 def run_config(config: str, args, overrides: list) -> dict:
     """measure() in a subprocess of its own; a failure (OOM, bad config) becomes {"error": ...}."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, f"--warmup={args.warmup}",
-           f"--iters={args.iters}", *(SMOKE if args.smoke else []), *overrides]
+           f"--iters={args.iters}", *([f"--profile={args.profile}"] if args.profile else []), *(SMOKE if args.smoke else []), *overrides]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=args.timeout)
@@ -114,7 +138,8 @@ def run_config(config: str, args, overrides: list) -> dict:
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])
     lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}").splitlines()
-    return {"config": config, "error": lines[-1][:200]}
+    errors = [ln for ln in lines if "Error" in ln and "Warning" not in ln]  # not NCCL's exit warnings
+    return {"config": config, "error": (errors or lines)[-1][:200]}
 
 
 def _f(value, fmt: str) -> str:
@@ -144,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=600, help="seconds per config")
     p.add_argument("--smoke", action="store_true", help="tiny versions of three configs on the CPU")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--profile", metavar="DIR", help="also profile 2 more steps per config: DIR/CONFIG.txt (top kernels)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one config, print RESULT {...}
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o and "." in o.split("=", 1)[0])]
@@ -151,7 +177,7 @@ def main(argv=None) -> int:
         p.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --train.micro_batch_size=8)")
     if args.worker:
         sys.path.insert(0, REPO)
-        print(RESULT + json.dumps(measure(args.worker, overrides, args.warmup, args.iters)), flush=True)
+        print(RESULT + json.dumps(measure(args.worker, overrides, args.warmup, args.iters, args.profile)), flush=True)
         return 0
     configs = args.configs or (SMOKE_CONFIGS if args.smoke else list(TWINS))
     results = []

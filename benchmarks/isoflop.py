@@ -69,6 +69,7 @@ def parse_args(argv):
     p.add_argument("--warmup-frac", type=float, default=0.05, help="warm-up steps as a share of each run's steps")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--eval-iters", type=int, default=10, help="eval batches per split (training's and mod-eval's)")
+    p.add_argument("--cuda-graphs", action="store_true", help="train with --train.cuda_graphs=true (GPU)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline (~1 min)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (steps, tokens, epochs) and stop")
     args = p.parse_args(argv)
@@ -151,6 +152,8 @@ def common_overrides(args, paths) -> list:
          "--logging.progress_bar=false", "--logging.tensorboard=false"]
     if args.smoke:
         o.append("--train.device=cpu")
+    elif args.cuda_graphs:
+        o.append("--train.cuda_graphs=true")
     return o
 
 
@@ -409,7 +412,8 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(args.out, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "seq_length", "batch", "lr", "min_lr",
-                                              "warmup_frac", "seed", "eval_iters", "smoke", "parallel", "devices")}
+                                              "warmup_frac", "seed", "eval_iters", "smoke", "parallel", "devices",
+                                              "cuda_graphs")}
     settings.update(budgets=sorted({j["budget"] for j in jobs}), gpus=gpu_name(), data={
         k: os.path.abspath(v) if isinstance(v, str) else v for k, v in paths.items()})
     rows, lock = [], threading.Lock()

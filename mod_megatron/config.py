@@ -123,6 +123,7 @@ class TrainConfig:
     nan_policy: str = "skip"  # NaN/Inf loss or grads: skip (drop the update) | stop (report the first bad layer)
     max_skipped_steps: int = 10  # skip policy: stop after this many consecutive skipped steps
     dist_timeout_minutes: float = 10.0  # a collective waiting longer (dead or hung rank) fails the job
+    cuda_graphs: bool = False  # capture each layer's fwd+bwd once and replay it (GPU; training/cuda_graphs.py)
 
 
 @dataclass
@@ -356,6 +357,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
     _check(t.nan_policy in ("skip", "stop"), f"train.nan_policy must be skip or stop, got {t.nan_policy!r}")
     _check(t.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0 (0 = stop at the first), got {t.max_skipped_steps}")
+    if t.cuda_graphs:
+        from mod_megatron.training.cuda_graphs import unsupported
+
+        why = unsupported(cfg)
+        _check(why is None, why or "")
     _check(t.dist_timeout_minutes > 0, f"train.dist_timeout_minutes must be > 0, got {t.dist_timeout_minutes}")
     _check(cfg.data.corpus in ("default", "custom"), f"data.corpus must be default or custom, got {cfg.data.corpus!r}")
     if cfg.data.corpus == "custom":

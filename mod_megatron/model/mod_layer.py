@@ -109,10 +109,15 @@ class MoDTransformerLayer(TransformerLayer):
             if self.routing_mode != "topk":
                 raise ValueError("causal routing modes run without sequence parallelism (parallel.sp=false)")
             output, context = sequence_parallel_forward(self, hidden_states, rotary_pos_emb, **kwargs)
-            return self._with_aux_losses(output, hidden_states, self.last_routing, sp=True), context
+            output = self._with_aux_losses(output, hidden_states, self.last_routing, sp=True)
+            self.last_routing.local_logits = self.last_routing.local_logits.detach()  # see below
+            return output, context
         s, b, h = hidden_states.shape
         routing = self.route(hidden_states)
-        self.last_routing = routing
+        # Kept for stats and aux losses, detached: holding the autograd graph past the step would keep its
+        # memory (and, for CUDA graphs, stale stream references of its nodes) alive.
+        self.last_routing = Routing(index=routing.index, weight=routing.weight.detach(),
+                                    logits=routing.logits.detach(), valid=routing.valid)
         index = routing.index  # [k, B], k static for a given S and capacity
         source, fused = hidden_states, use_fused(self.fused_routing, hidden_states)
         if routing.valid is not None:  # causal routing: padded rows point at a dummy row S

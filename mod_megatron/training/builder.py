@@ -1,6 +1,7 @@
 """Model chunks wrapped in megatron-core DDP, the megatron optimizer and its LR schedule."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -12,6 +13,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mod_megatron.config import Config
 from mod_megatron.model.gpt import build_model, transformer_config
+from mod_megatron.training import cuda_graphs
 
 
 def param_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -66,11 +68,13 @@ def build_model_chunks(cfg: Config, device: torch.device, wrap_ddp: bool = True,
         overlap_grad_reduce=False,
         check_for_nan_in_grad=False,
     )
-    wrapped = [
-        DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
-                                disable_bucketing=(i > 0))
-        for i, chunk in enumerate(chunks)
-    ]
+    graphs = cfg.train.cuda_graphs and device.type == "cuda"
+    with cuda_graphs.on_capture_stream() if graphs else contextlib.nullcontext():
+        wrapped = [
+            DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=(i > 0))
+            for i, chunk in enumerate(chunks)
+        ]
     # megatron's schedules call these hooks: grads are all-reduced across DP (and, for params shared
     # between stages or marked sequence_parallel, across PP/TP) before the optimizer step.
     tcfg.finalize_model_grads_func = finalize_model_grads

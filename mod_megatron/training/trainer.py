@@ -80,6 +80,12 @@ class Trainer:
             if cfg.parallel.pipeline_split == "cost":
                 layout_str = cost_aware_layout(cfg, cfg.parallel.pp)
         self._build(layout_str)
+        self.graphs = []  # train.cuda_graphs: per-chunk ChunkGraphs, captured on the first training forward
+        if cfg.train.cuda_graphs:
+            from mod_megatron.training import cuda_graphs
+
+            cuda_graphs.check_supported(cfg, self.device)
+            self.graphs = cuda_graphs.enable(self.chunks)
         self.datasets = {"train": train_ds, "valid": valid_ds, "heldout": heldout_ds}
         self.meta = dict(meta or {})
         t = cfg.train
@@ -282,6 +288,12 @@ class Trainer:
         while self.iteration < stop_at:
             out = self.train_step(it)
             self.iteration += 1
+            if self.graphs and not getattr(self, "_graphs_reported", False):
+                self._graphs_reported = True
+                layers = sum(len(g.layers) for g in self.graphs if g.graphed)
+                secs = sum(g.capture_s or 0.0 for g in self.graphs)
+                self.log.info(f"cuda graphs: {layers} layers captured in {secs:.1f} s" if layers else
+                              "cuda graphs: nothing captured (the layers ran eagerly)")
             self.consumed_samples += t.global_batch_size
             try:
                 note = self.nan_policy.update(self.iteration, out)

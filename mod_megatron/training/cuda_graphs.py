@@ -1,0 +1,193 @@
+"""Per-layer CUDA graphs for training (`train.cuda_graphs`): capture each transformer layer's forward
+and backward once, then replay them every micro-batch.
+
+Why: a MoD layer at capacity 12.5% does an eighth of a dense layer's GPU work but all of its CPU
+work (megatron-core's Python layer code, routing, ~100 kernel launches), so small routed layers are
+bound by the CPU, not the GPU (docs/benchmarks.md). A replayed graph launches the whole layer at
+once. Top-k routing has a static k and no host synchronisation, which is what makes it capturable.
+
+How: `enable(chunks)` wraps the forward of every layer of each model chunk. The first training
+forward (grad on, layer in train mode) captures all layers of the chunk together with
+`torch.cuda.make_graphed_callables`, in one memory pool and in the order they run (forwards in
+layer order, backwards in reverse), using that forward's shapes; every later training forward with
+the same shapes replays. Evaluation (no grad, eval mode), other shapes or extra arguments run the
+plain eager forward. Parameters get their gradients through autograd as usual, so megatron-core's
+DDP hooks, gradient accumulation over micro-batches and the optimizer are unchanged.
+
+What it needs (config.validate and `check_supported` say so with the fix): a CUDA device, one
+pipeline stage (1F1B keeps several micro-batches in flight; a graph holds one), no MoE layers
+(their per-expert token counts go through the host), no capacity warm-up (k changes), no dropout.
+The MoD layer's diagnostics (`last_aux`, `last_routing`) point at the graph's tensors, which each
+replay rewrites, so they describe the latest micro-batch as in eager mode.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+# Arguments a TransformerLayer forward may get that the graph does not carry: any of them not None
+# (or a hidden state that needs no grad) sends that call down the eager path.
+_EAGER_IF_SET = ("attention_mask", "context", "context_mask", "rotary_pos_cos", "rotary_pos_sin",
+                 "rotary_pos_cos_sin", "attention_bias", "inference_context", "packed_seq_params",
+                 "sequence_len_offset", "padding_mask")
+
+
+def unsupported(cfg) -> Optional[str]:
+    """Why `train.cuda_graphs` cannot run with this config (None if it can), with the fix."""
+    from mod_megatron.config import is_moe_layer
+
+    if cfg.train.engine != "megatron":
+        return "train.cuda_graphs needs --train.engine=megatron (the DeepSpeed engine runs eagerly)"
+    if cfg.parallel.pp > 1:
+        return ("train.cuda_graphs needs parallel.pp=1: the pipeline schedule keeps several micro-batches in "
+                "flight and a layer's graph holds one; use --train.cuda_graphs=false with pipeline parallelism")
+    if any(is_moe_layer(cfg, i) for i in range(cfg.model.num_layers)):
+        return ("train.cuda_graphs does not support MoE layers (their per-expert token counts go through the "
+                "host); use --train.cuda_graphs=false for MoE/MoDE models")
+    if cfg.mod.enabled and cfg.mod.capacity_warmup_iters > 0:
+        return ("train.cuda_graphs needs a fixed capacity (k is baked into the graph); "
+                "set --mod.capacity_warmup_iters=0 or --train.cuda_graphs=false")
+    if cfg.model.dropout > 0:
+        return "train.cuda_graphs needs model.dropout=0 (dropout's RNG is not captured); set --model.dropout=0"
+    return None
+
+
+def capture_stream() -> "torch.cuda.Stream":
+    """The stream every capture runs on: torch.cuda.graph's default capture stream, fixed once."""
+    if torch.cuda.graph.default_capture_stream is None:
+        torch.cuda.graph.default_capture_stream = torch.cuda.Stream()
+    return torch.cuda.graph.default_capture_stream
+
+
+@contextlib.contextmanager
+def on_capture_stream():
+    """Build megatron-core's DDP wrapper (or anything that makes parameters' AccumulateGrad nodes) here.
+
+    An autograd node runs on the stream that was current when it was made. megatron-core's DDP makes
+    every parameter's AccumulateGrad node once, when it wraps the model, and keeps it (its grad hooks
+    hang on it). Made on the default stream, such a node makes a captured backward wait on the legacy
+    stream, which CUDA refuses ("operation would make the legacy stream depend on a capturing blocking
+    stream"); made on the capture stream, the captured backward needs no cross-stream wait. Eager
+    backwards then hand those parameters' grads over with an event, which is correct and cheap.
+    """
+    stream = capture_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+class _LayerCall(torch.nn.Module):
+    """A layer as make_graphed_callables wants it: positional tensors in, one tensor out."""
+
+    def __init__(self, layer, with_rope: bool):
+        super().__init__()
+        self.layer = layer
+        self.with_rope = with_rope
+
+    def forward(self, hidden_states, *rope):
+        out, _ = self.layer.eager_forward(hidden_states=hidden_states, attention_mask=None,
+                                          rotary_pos_emb=rope[0] if self.with_rope else None)
+        return out
+
+
+def _ensure_aux_loss_scale(device) -> None:
+    """The aux-loss scale tensor must exist (shape [1], on the GPU) before capture: the graphs read
+    that tensor, and later schedule steps copy the new scale into it rather than replacing it."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    cur = MoEAuxLossAutoScaler.main_loss_backward_scale
+    if cur is None or tuple(cur.shape) != (1,) or cur.device != device:
+        value = torch.ones(1) if cur is None else cur.detach().float().reshape(-1)[:1].cpu()
+        MoEAuxLossAutoScaler.main_loss_backward_scale = value.to(device)
+
+
+class ChunkGraphs:
+    """The graphed layers of one model chunk, captured together on their first training forward."""
+
+    def __init__(self, layers, num_warmup_iters: int = 3):
+        self.layers = list(layers)
+        self.num_warmup_iters = num_warmup_iters
+        self.graphed: Optional[list] = None
+        self.key = None  # (shape, dtype, device, rope shape) the graphs were captured for
+        self.state: list[dict] = []  # per layer: the MoD attributes that point at graph tensors
+        self.replays = 0
+        self.capture_s: Optional[float] = None
+        for i, layer in enumerate(self.layers):
+            layer.eager_forward = layer.forward
+            layer.forward = self._forward_of(i)
+
+    def _forward_of(self, i: int):
+        def forward(hidden_states, *args, **kwargs):
+            return self.forward(i, hidden_states, *args, **kwargs)
+        return forward
+
+    def _graphable(self, i: int, hidden_states, args, kwargs) -> bool:
+        layer = self.layers[i]
+        if args or not (layer.training and torch.is_grad_enabled() and hidden_states.is_cuda
+                        and hidden_states.requires_grad):
+            return False
+        if getattr(layer, "routing_mode", "topk") != "topk":
+            return False
+        return all(kwargs.get(name) is None for name in _EAGER_IF_SET)
+
+    def forward(self, i: int, hidden_states, *args, **kwargs):
+        layer = self.layers[i]
+        if not self._graphable(i, hidden_states, args, kwargs):
+            return layer.eager_forward(hidden_states, *args, **kwargs)
+        rope = kwargs.get("rotary_pos_emb")
+        key = (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device,
+               None if rope is None else (tuple(rope.shape), rope.dtype))
+        if self.graphed is None and i == 0:
+            self.capture(hidden_states, rope)
+            self.key = key
+        if self.graphed is None or key != self.key:
+            return layer.eager_forward(hidden_states, *args, **kwargs)
+        for name, value in self.state[i].items():  # eager calls in between (evaluation) replaced them
+            setattr(layer, name, value)
+        if hasattr(layer, "_aux_stats"):
+            layer._aux_stats = None  # recomputed from this replay's tensors when read
+        self.replays += 1
+        out = self.graphed[i](hidden_states, *(() if rope is None else (rope,)))
+        return out, None
+
+    def capture(self, hidden_states, rope) -> None:
+        """Capture every layer's forward and backward on sample inputs shaped like this forward's."""
+        import time
+
+        t0 = time.perf_counter()
+        _ensure_aux_loss_scale(hidden_states.device)
+        with_rope = rope is not None
+        calls = tuple(_LayerCall(layer, with_rope) for layer in self.layers)
+        samples = tuple((hidden_states.detach().clone().requires_grad_(True),) + ((rope.detach(),) if with_rope else ())
+                        for _ in self.layers)
+        self.graphed = list(torch.cuda.make_graphed_callables(
+            calls, samples, num_warmup_iters=self.num_warmup_iters, allow_unused_input=True))
+        self.state = [{name: getattr(layer, name) for name in ("last_routing", "_aux_inputs") if hasattr(layer, name)}
+                      for layer in self.layers]
+        self.capture_s = time.perf_counter() - t0
+
+
+def check_supported(cfg, device: torch.device) -> None:
+    """Raise ConfigError (one line, with the fix) if `train.cuda_graphs` cannot run here."""
+    from mod_megatron.config import ConfigError
+
+    why = unsupported(cfg)
+    if why is None and device.type != "cuda":
+        why = "train.cuda_graphs needs a CUDA GPU; use --train.cuda_graphs=false on a CPU"
+    if why:
+        raise ConfigError(why)
+
+
+def enable(chunks, num_warmup_iters: int = 3) -> list[ChunkGraphs]:
+    """Graph the decoder layers of every model chunk (DDP-wrapped or not); capture is lazy."""
+    graphs = []
+    for chunk in chunks:
+        model = getattr(chunk, "module", chunk)
+        model = getattr(model, "module", model)  # Float16Module inside DDP
+        layers = list(model.decoder.layers)
+        if layers:
+            graphs.append(ChunkGraphs(layers, num_warmup_iters))
+    return graphs

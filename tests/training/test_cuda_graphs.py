@@ -1,0 +1,168 @@
+"""train.cuda_graphs (training/cuda_graphs.py): refusals with the fix, the eager pass-through, and on a
+GPU the graphed layers equal the eager ones (outputs, input and parameter grads, MoD diagnostics) and a
+training run with graphs follows the run without them step by step.
+
+The GPU tests are skipped without CUDA (CI); they ran on the device with `pytest tests/training/test_cuda_graphs.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mod_megatron.config import ConfigError, load_config
+from tests.conftest import TINY
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["--parallel.pp=2"], "parallel.pp=1"),
+    (["--moe.num_experts=4"], "MoE"),
+    (["--mod.capacity_warmup_iters=10"], "capacity_warmup_iters=0"),
+    (["--model.dropout=0.1"], "model.dropout=0"),
+    (["--train.engine=deepspeed"], "train.engine=megatron"),
+], ids=["pp", "moe", "capacity-warmup", "dropout", "deepspeed"])
+def test_unsupported_settings_are_refused_with_the_fix(overrides, needle):
+    with pytest.raises(ConfigError, match="train.cuda_graphs") as err:
+        load_config(None, TINY + ["--train.cuda_graphs=true", *overrides])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    load_config(None, TINY + overrides)  # the same settings are fine without graphs
+
+
+def test_on_a_cpu_it_is_refused_before_training():
+    from mod_megatron.training.cuda_graphs import check_supported
+
+    cfg = load_config(None, TINY + ["--train.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        check_supported(cfg, torch.device("cpu"))
+
+
+@pytest.mark.skipif(CUDA, reason="CPU tensors only; on a GPU the tests below cover the graphed path")
+def test_wrapped_layers_run_eagerly_where_nothing_can_be_graphed(build_gpt):
+    """CPU tensors (and evaluation) go down the eager path unchanged: same loss, same grads."""
+    from mod_megatron.training.cuda_graphs import enable
+
+    tokens = torch.randint(0, 100, (2, 33), generator=torch.Generator().manual_seed(0))
+    results = []
+    for graphs in (False, True):
+        _, model = build_gpt(seed=0)
+        chunk_graphs = enable([model]) if graphs else []
+        loss = model(tokens[:, :-1], torch.arange(32).expand(2, 32), None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        if graphs:
+            assert len(chunk_graphs) == 1 and len(chunk_graphs[0].layers) == 4
+            assert chunk_graphs[0].graphed is None and chunk_graphs[0].replays == 0
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+
+
+# ------------------------------------------------------------------ on a GPU
+
+
+def _layers(dtype=torch.bfloat16, hidden=256, seq=256):
+    """A dense layer and a MoD layer (capacity 0.125, aux loss and predictor on), as built for training."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from mod_megatron.model.gpt import transformer_config
+    from mod_megatron.model.spec import dense_layer_spec, mod_layer_spec
+
+    cfg = load_config(None, [f"--model.hidden_size={hidden}", "--model.num_attention_heads=4", "--model.num_layers=2",
+                             f"--model.seq_length={seq}", "--mod.first_routed=1", "--mod.capacity=0.125",
+                             "--mod.router_init_std=0.5"])
+    tcfg = transformer_config(cfg, dtype)
+    torch.manual_seed(0)
+    dense = build_module(dense_layer_spec(cfg), config=tcfg, layer_number=1)
+    mod = build_module(mod_layer_spec(cfg), config=tcfg, layer_number=2)
+    return [layer.to(device="cuda", dtype=dtype) for layer in (dense, mod)]
+
+
+def _rope(seq, dim):
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device="cuda", dtype=torch.float32) / dim))
+    freqs = torch.outer(torch.arange(seq, device="cuda", dtype=torch.float32), inv)
+    return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+
+
+def _step(layers, x, rope, cot):
+    x = x.detach().clone().requires_grad_(True)
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    h = x
+    for layer in layers:
+        h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rope)
+    (h.float() * cot).sum().backward()
+    grads = {f"{i}.{n}": p.grad.clone() for i, layer in enumerate(layers) for n, p in layer.named_parameters()}
+    return h.detach().clone(), x.grad.clone(), grads, {k: v.clone() for k, v in layers[1].last_aux.items()}
+
+
+@pytest.fixture
+def gpu_process():
+    from mod_megatron.training.distributed import init_single_process
+
+    init_single_process(seed=0)
+
+
+@needs_cuda
+def test_graphed_layers_equal_eager_layers(gpu_process):
+    from mod_megatron.model.predictor import set_aux_loss_scale
+    from mod_megatron.training.cuda_graphs import ChunkGraphs
+
+    set_aux_loss_scale(torch.full((1,), 0.5, device="cuda"))  # as the schedule sets it: 1/num_microbatches
+    S, B, H = 256, 2, 256
+    eager, graphed = _layers(), _layers()
+    for a, b in zip(eager, graphed):
+        b.load_state_dict(a.state_dict())
+    graphs = ChunkGraphs(graphed)
+    rope, gen = _rope(S, H // 4), torch.Generator(device="cuda").manual_seed(1)
+    for step in range(3):  # the first call captures; the others replay on new inputs
+        x = torch.randn(S, B, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cot = torch.randn(S, B, H, device="cuda", generator=gen)
+        want, got = _step(eager, x, rope, cot), _step(graphed, x, rope, cot)
+        assert graphs.graphed is not None and graphs.replays == 2 * (step + 1)
+        assert torch.equal(graphed[1].last_routing.index, eager[1].last_routing.index)
+        tol = dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got[0].float(), want[0].float(), **tol)
+        torch.testing.assert_close(got[1].float(), want[1].float(), **tol)
+        assert set(got[2]) == set(want[2]) and any("router" in n for n in got[2])
+        for name in want[2]:
+            scale = max(1.0, float(want[2][name].float().abs().max()))
+            torch.testing.assert_close(got[2][name].float() / scale, want[2][name].float() / scale, **tol,
+                                       msg=lambda m: f"{name}: {m}")
+        for key in ("router_bce", "predictor_bce", "router_confusion", "predictor_confusion"):
+            torch.testing.assert_close(got[3][key].float(), want[3][key].float(), rtol=1e-2, atol=1e-2)
+        if step == 1:  # evaluation in between runs eagerly and must not leave stale diagnostics behind
+            for layer in graphed:
+                layer.eval()
+            with torch.no_grad():
+                graphed[1](hidden_states=x[:128], attention_mask=None, rotary_pos_emb=rope[:128])
+            assert graphs.replays == 4 and graphed[1].last_routing.index.shape[0] == 16
+            for layer in graphed:
+                layer.train()
+
+
+@needs_cuda
+def test_training_with_graphs_follows_training_without(tmp_path):
+    """bench_model's worker runs the real Trainer (DDP, megatron optimizer, 2 micro-batches per step)."""
+    tiny = ["--model.num_layers=4", "--model.hidden_size=256", "--model.num_attention_heads=4",
+            "--model.seq_length=256", "--model.vocab_size=512", "--train.micro_batch_size=4",
+            "--train.global_batch_size=8"]
+    runs = {}
+    for graphs in ("false", "true"):
+        out = tmp_path / f"{graphs}.json"
+        subprocess.run([sys.executable, "benchmarks/bench_model.py", "--configs", "gpt-125m-mod", "--warmup=2",
+                        "--iters=6", f"--json={out}", *tiny, f"--train.cuda_graphs={graphs}"],
+                       cwd=REPO, check=True, timeout=600, capture_output=True)
+        (runs[graphs],) = json.loads(out.read_text())
+    off, on = runs["false"], runs["true"]
+    assert off["cuda_graph_layers"] == 0 and on["cuda_graph_layers"] == 4
+    assert on["cuda_graph_replays"] >= 4 * 2 * 7  # every micro-batch after the capturing one replayed
+    assert len(on["losses"]) == len(off["losses"]) == 8
+    assert on["losses"] == pytest.approx(off["losses"], abs=2e-2)
+    assert len(set(on["losses"])) == 8  # the graphed steps really update the weights
