@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from mod_megatron.config import Config, is_moe_layer
-from mod_megatron.model.attention import SDPAttention
+from mod_megatron.model.attention import FusedRopeSelfAttention, SDPAttention
 from mod_megatron.model.mod_layer import MoDTransformerLayer
 from mod_megatron.parallel.norm import SequenceParallelTorchNorm
 
@@ -32,6 +32,10 @@ def dense_layer_spec(cfg: Config) -> ModuleSpec:
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=cfg.model.normalization))
     if cfg.model.attention_backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        if cfg.model.position_embedding == "rope" and cfg.model.fused_rope != "off":
+            spec.submodules.self_attention.module = FusedRopeSelfAttention
+            spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params or {},
+                                                         fused_rope=cfg.model.fused_rope)
     if cfg.parallel.sp and spec.submodules.input_layernorm is WrappedTorchNorm:
         # megatron's torch norm refuses sequence parallelism; this one marks its params for it.
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm

@@ -15,7 +15,8 @@ plain eager forward. Parameters get their gradients through autograd as usual, s
 DDP hooks, gradient accumulation over micro-batches and the optimizer are unchanged.
 
 What it needs (config.validate and `check_supported` say so with the fix): a CUDA device, one
-pipeline stage (1F1B keeps several micro-batches in flight; a graph holds one), no MoE layers
+pipeline stage (1F1B keeps several micro-batches in flight; a graph holds one), no tensor
+parallelism (not yet validated on several GPUs; data parallelism is outside the layers), no MoE layers
 (their per-expert token counts go through the host), no capacity warm-up (k changes), no dropout.
 The MoD layer's diagnostics (`last_aux`, `last_routing`) point at the graph's tensors, which each
 replay rewrites, so they describe the latest micro-batch as in eager mode.
@@ -43,6 +44,10 @@ def unsupported(cfg) -> Optional[str]:
     if cfg.parallel.pp > 1:
         return ("train.cuda_graphs needs parallel.pp=1: the pipeline schedule keeps several micro-batches in "
                 "flight and a layer's graph holds one; use --train.cuda_graphs=false with pipeline parallelism")
+    if cfg.parallel.tp > 1:
+        return ("train.cuda_graphs is validated with one GPU per model replica (parallel.tp=1; data parallelism "
+                "is fine): tensor-parallel collectives inside captured layers are not yet tested; use "
+                "--train.cuda_graphs=false with parallel.tp > 1")
     if any(is_moe_layer(cfg, i) for i in range(cfg.model.num_layers)):
         return ("train.cuda_graphs does not support MoE layers (their per-expert token counts go through the "
                 "host); use --train.cuda_graphs=false for MoE/MoDE models")

@@ -24,11 +24,12 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 @pytest.mark.parametrize("overrides,needle", [
     (["--parallel.pp=2"], "parallel.pp=1"),
+    (["--parallel.tp=2"], "parallel.tp=1"),
     (["--moe.num_experts=4"], "MoE"),
     (["--mod.capacity_warmup_iters=10"], "capacity_warmup_iters=0"),
     (["--model.dropout=0.1"], "model.dropout=0"),
     (["--train.engine=deepspeed"], "train.engine=megatron"),
-], ids=["pp", "moe", "capacity-warmup", "dropout", "deepspeed"])
+], ids=["pp", "tp", "moe", "capacity-warmup", "dropout", "deepspeed"])
 def test_unsupported_settings_are_refused_with_the_fix(overrides, needle):
     with pytest.raises(ConfigError, match="train.cuda_graphs") as err:
         load_config(None, TINY + ["--train.cuda_graphs=true", *overrides])
