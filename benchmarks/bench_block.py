@@ -19,8 +19,6 @@ import warnings
 
 import torch
 
-warnings.filterwarnings("ignore")
-
 
 def _setup():
     from mod_megatron.training.distributed import init_single_process
@@ -126,6 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="also print the top kernels of the smallest-capacity MoD layer (torch.profiler)")
     args, overrides = p.parse_known_args(argv)
+    warnings.filterwarnings("ignore")  # megatron-core's import-time notices; not when imported by tests
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o and "." in o.split("=", 1)[0])]
     if bad:
         p.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --mod.predictor=false)")

@@ -39,6 +39,14 @@ def megatron_single_rank():
     yield
 
 
+@pytest.fixture
+def gpu_process():
+    """One process on the GPU (NCCL, TP = PP = 1), as the benchmarks start it; reused if already up."""
+    from mod_megatron.training.distributed import init_single_process
+
+    init_single_process(seed=0)
+
+
 def seed_all(seed: int) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from benchmarks.bench_block import rotary
 from mod_megatron.kernels import routing as R
 
 CUDA = torch.cuda.is_available() and R.triton_available()
@@ -88,12 +89,6 @@ def test_combine_leaves_skipped_rows_bit_identical(dtype):
 # ------------------------------------------------------------------ the MoD layer on a GPU
 
 
-@pytest.fixture
-def gpu_process():
-    """One process on the GPU (NCCL, TP = PP = 1), as the benchmarks start it; reused if already up."""
-    from mod_megatron.training.distributed import init_single_process
-
-    init_single_process(seed=0)
 
 
 def _mod_layer(fused: str, dtype, hidden=256, capacity=0.125):
@@ -110,11 +105,6 @@ def _mod_layer(fused: str, dtype, hidden=256, capacity=0.125):
     layer = build_module(mod_layer_spec(cfg), config=transformer_config(cfg, dtype), layer_number=1)
     return layer.to(device="cuda", dtype=dtype)
 
-
-def _rope(S, dim):
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device="cuda", dtype=torch.float32) / dim))
-    freqs = torch.outer(torch.arange(S, device="cuda", dtype=torch.float32), inv)
-    return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
 
 
 def _fwd_bwd(layer, x, rope, cot):
@@ -137,7 +127,7 @@ def test_mod_layer_fused_equals_pytorch_routing(gpu_process, dtype):
     off.load_state_dict(on.state_dict())
     x = torch.randn(S, B, H, device="cuda", dtype=dtype)
     cot = torch.randn(S, B, H, device="cuda")
-    rope = _rope(S, H // 4)
+    rope = rotary(S, H // 4, "cuda")
     a, b = _fwd_bwd(on, x, rope, cot), _fwd_bwd(off, x, rope, cot)
     assert torch.equal(on.last_routing.index, off.last_routing.index)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
@@ -156,7 +146,7 @@ def test_mod_layer_forward_backward_never_syncs_with_the_host(gpu_process):
     set_aux_loss_scale(torch.ones(1, device="cuda"))
     layer = _mod_layer("on", torch.bfloat16)
     x = torch.randn(256, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    rope = _rope(256, 64)
+    rope = rotary(256, 64, "cuda")
     _fwd_bwd(layer, x, rope, torch.ones(256, 2, 256, device="cuda"))  # warm-up: lazy inits may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks.bench_block import rotary
 from mod_megatron.config import ConfigError, load_config
 from tests.conftest import TINY
 
@@ -85,11 +86,6 @@ def _layers(dtype=torch.bfloat16, hidden=256, seq=256):
     return [layer.to(device="cuda", dtype=dtype) for layer in (dense, mod)]
 
 
-def _rope(seq, dim):
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device="cuda", dtype=torch.float32) / dim))
-    freqs = torch.outer(torch.arange(seq, device="cuda", dtype=torch.float32), inv)
-    return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
-
 
 def _step(layers, x, rope, cot):
     x = x.detach().clone().requires_grad_(True)
@@ -103,11 +99,6 @@ def _step(layers, x, rope, cot):
     return h.detach().clone(), x.grad.clone(), grads, {k: v.clone() for k, v in layers[1].last_aux.items()}
 
 
-@pytest.fixture
-def gpu_process():
-    from mod_megatron.training.distributed import init_single_process
-
-    init_single_process(seed=0)
 
 
 @needs_cuda
@@ -121,7 +112,7 @@ def test_graphed_layers_equal_eager_layers(gpu_process):
     for a, b in zip(eager, graphed):
         b.load_state_dict(a.state_dict())
     graphs = ChunkGraphs(graphed)
-    rope, gen = _rope(S, H // 4), torch.Generator(device="cuda").manual_seed(1)
+    rope, gen = rotary(S, H // 4, "cuda"), torch.Generator(device="cuda").manual_seed(1)
     for step in range(3):  # the first call captures; the others replay on new inputs
         x = torch.randn(S, B, H, device="cuda", dtype=torch.bfloat16, generator=gen)
         cot = torch.randn(S, B, H, device="cuda", generator=gen)
