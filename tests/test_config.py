@@ -1,6 +1,8 @@
 """Config tree: YAML + `--section.key=value` overrides, typing, and one-line ConfigErrors."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mod_megatron.config import Config, ConfigError, load_config, padded_vocab, ffn_hidden, validate
@@ -227,3 +229,15 @@ def test_unreadable_config_file_is_one_line(tmp_path):
     path = tmp_path / "bin.yaml"
     path.write_bytes(b"\xff\xfe\x80" * 4)
     assert "is not a text (UTF-8) YAML file" in _error(load_config, str(path))
+
+
+# ----------------------------------------------------------------------------- the shipped configs
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+SHIPPED = sorted(os.path.join(REPO_CONFIGS, f) for f in os.listdir(REPO_CONFIGS) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[os.path.basename(p) for p in SHIPPED])
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path, [])
+    assert cfg.model.num_layers > 0 and cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
