@@ -12,6 +12,9 @@ The comparison (as in the MoD paper's isoFLOP analysis): both models have the sa
 trains proportionally more steps: iterations = round(budget / FLOPs per step), FLOPs per step from
 mod_megatron/training/flops.py (matmul FLOPs, routed layers at k tokens, training = 3x forward).
 Each run has its own warm-up (`--warmup-frac` of its steps) and cosine decay to min_lr over its steps.
+`--match step` matches FLOPs per step instead, as the paper's isoFLOP-optimal MoD models do: the MoD
+twin gets the (even) number of layers whose FLOPs per step come closest to the dense model's, and
+both train the same steps on the same tokens in the same order.
 
 Data: the debian-docs corpus (prepare it first on a CPU machine: `mod-preprocess --corpus debian-docs
 --data-dir data`), valid = a fixed pseudo-random 5% of its documents, held-out = the KJV. Both models use the same
@@ -69,6 +72,8 @@ def parse_args(argv):
     p.add_argument("--warmup-frac", type=float, default=0.05, help="warm-up steps as a share of each run's steps")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--eval-iters", type=int, default=10, help="eval batches per split (training's and mod-eval's)")
+    p.add_argument("--match", choices=["total", "step"], default="total",
+                   help="total: same shapes, MoD trains more steps; step: a deeper MoD with dense's FLOPs per step")
     p.add_argument("--cuda-graphs", action="store_true", help="train with --train.cuda_graphs=true (GPU)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline (~1 min)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (steps, tokens, epochs) and stop")
@@ -167,27 +172,39 @@ def flops_per_step(model: str, overrides: list) -> float:
     return train_flops_per_token(cfg) * cfg.train.global_batch_size * cfg.model.seq_length
 
 
+def layers_for_equal_step(args, base, dense_per_step: float) -> int:
+    """--match step: the even MoD depth (every other layer routed) whose FLOPs per step are nearest dense's."""
+    depths = range(max(2, args.layers), 4 * args.layers + 1, 2)
+    return min(depths, key=lambda n: abs(flops_per_step("mod", base + [f"--model.num_layers={n}"]) - dense_per_step))
+
+
 def plan(args, paths) -> list:
     """One job per (budget, model): iterations matched to the budget, and its mod-train overrides."""
     base = common_overrides(args, paths)
-    per_step = {m: flops_per_step(m, base) for m in MODELS}
+    extra = {m: [] for m in MODELS}
+    if args.match == "step":
+        extra["mod"] = [f"--model.num_layers={layers_for_equal_step(args, base, flops_per_step('dense', base))}"]
+    per_step = {m: flops_per_step(m, base + extra[m]) for m in MODELS}
     budgets = args.budget_list or [5 * per_step["dense"], 10 * per_step["dense"]]  # --smoke: a few steps
     jobs = []
     for b, budget in enumerate(budgets, start=1):
         for model in MODELS:
-            iters = max(1, round(budget / per_step[model]))
+            # --match step: both train the dense model's steps (same tokens, same order)
+            iters = max(1, round(budget / per_step["dense" if args.match == "step" else model]))
             name = f"b{b}-{model}"
             run_dir = os.path.join(args.runs_dir, name)
             data = lane_data(paths, args.runs_dir, model if args.parallel else "all")
             tokens = iters * args.batch * args.seq_length
-            overrides = base + MODELS[model][1] + [
+            overrides = base + MODELS[model][1] + extra[model] + [
                 f"--train.iters={iters}", f"--train.warmup_iters={max(1, round(args.warmup_frac * iters))}",
                 f"--data.train_prefix={os.path.abspath(data['train_prefix'])}",
                 f"--data.heldout_prefix={os.path.abspath(data['heldout_prefix'])}",
                 f"--logging.log_interval={max(1, iters // 25)}",
                 f"--logging.dir={os.path.abspath(run_dir)}",
                 f"--checkpoint.dir={os.path.abspath(os.path.join(run_dir, 'checkpoints'))}"]
+            layers = int(extra[model][0].split("=")[1]) if extra[model] else args.layers
             jobs.append({"name": name, "budget_index": b, "budget": budget, "model": model, "iters": iters,
+                         "layers": layers,
                          "flops_per_step": per_step[model], "total_flops": iters * per_step[model],
                          "tokens": tokens, "epochs": tokens / max(1, paths["train_tokens"]),
                          "config": MODELS[model][0], "overrides": overrides, "run_dir": run_dir})
@@ -260,7 +277,7 @@ def count_params(checkpoint: str):
 
 
 def base_row(job) -> dict:
-    return {k: job[k] for k in ("name", "budget_index", "budget", "model", "iters", "flops_per_step",
+    return {k: job[k] for k in ("name", "budget_index", "budget", "model", "layers", "iters", "flops_per_step",
                                 "total_flops", "tokens", "epochs", "config")}
 
 
@@ -406,14 +423,15 @@ def main(argv=None) -> int:
     print(f"train/valid split: {paths['train_tokens']:,} / {paths['valid_tokens']:,} tokens; {len(jobs)} runs "
           f"({'parallel lanes on devices ' + args.devices if args.parallel else 'one after the other'})")
     for j in jobs:
-        print(f"  {j['name']:<9} {j['iters']:>6} steps  {j['total_flops']:.3e} FLOPs  {j['tokens'] / 1e6:8.1f}M tokens"
+        print(f"  {j['name']:<9} {j['layers']:>3} layers {j['iters']:>6} steps  {j['total_flops']:.3e} FLOPs"
+              f"  {j['tokens'] / 1e6:8.1f}M tokens"
               f"  {j['epochs']:.2f} epochs")
     if args.dry_run:
         return 0
     os.makedirs(args.out, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "seq_length", "batch", "lr", "min_lr",
                                               "warmup_frac", "seed", "eval_iters", "smoke", "parallel", "devices",
-                                              "cuda_graphs")}
+                                              "cuda_graphs", "match")}
     settings.update(budgets=sorted({j["budget"] for j in jobs}), gpus=gpu_name(), data={
         k: os.path.abspath(v) if isinstance(v, str) else v for k, v in paths.items()})
     rows, lock = [], threading.Lock()

@@ -47,3 +47,19 @@ def test_missing_corpus_is_one_error_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "mod-preprocess --corpus debian-docs" in proc.stderr
+
+
+def test_match_step_gives_a_deeper_mod_with_the_dense_steps(prepared):
+    """--match step: MoD made deeper to dense's FLOPs per step; both the same steps (the plan only)."""
+    proc = run("--smoke", "--match", "step", "--dry-run", f"--data-dir={prepared['data_dir']}", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    plan = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) > 5 and parts[0].startswith("b") and parts[2] == "layers":
+            plan[parts[0]] = {"layers": int(parts[1]), "steps": int(parts[3]), "flops": float(parts[5])}
+    assert sorted(plan) == ["b1-dense", "b1-mod", "b2-dense", "b2-mod"]
+    for b in ("b1", "b2"):
+        dense, mod = plan[f"{b}-dense"], plan[f"{b}-mod"]
+        assert mod["steps"] == dense["steps"] and mod["layers"] > dense["layers"] and mod["layers"] % 2 == 0
+        assert abs(mod["flops"] - dense["flops"]) / dense["flops"] < 0.25  # nearest depth (smoke: 2 layers)
