@@ -168,8 +168,15 @@ class ChunkGraphs:
         calls = tuple(_LayerCall(layer, with_rope) for layer in self.layers)
         samples = tuple((hidden_states.detach().clone().requires_grad_(True),) + ((rope.detach(),) if with_rope else ())
                         for _ in self.layers)
-        self.graphed = list(torch.cuda.make_graphed_callables(
-            calls, samples, num_warmup_iters=self.num_warmup_iters, allow_unused_input=True))
+        try:
+            self.graphed = list(torch.cuda.make_graphed_callables(
+                calls, samples, num_warmup_iters=self.num_warmup_iters, allow_unused_input=True))
+        except Exception as e:  # an op that cannot be captured: one line with the way out, not a CUDA trace
+            from mod_megatron.config import ConfigError
+
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(f"train.cuda_graphs: capturing the layers failed ({type(e).__name__}: {first}); "
+                              "run with --train.cuda_graphs=false") from e
         self.state = [{name: getattr(layer, name) for name in ("last_routing", "_aux_inputs") if hasattr(layer, name)}
                       for layer in self.layers]
         self.capture_s = time.perf_counter() - t0

@@ -66,6 +66,25 @@ def test_wrapped_layers_run_eagerly_where_nothing_can_be_graphed(build_gpt):
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
 
 
+def test_a_failed_capture_is_one_line_with_the_way_out(monkeypatch):
+    """Whatever make_graphed_callables raises becomes a ConfigError (mod-train: `error: ...`, exit 2)."""
+    from mod_megatron.training import cuda_graphs
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", refuse)
+    monkeypatch.setattr(cuda_graphs, "_ensure_aux_loss_scale", lambda device: None)
+    layer = torch.nn.Linear(4, 4)
+    layer.forward = lambda hidden_states, **kwargs: (hidden_states, None)
+    graphs = cuda_graphs.ChunkGraphs([layer])
+    with pytest.raises(ConfigError) as err:
+        graphs.capture(torch.zeros(2, 1, 4), None)
+    msg = str(err.value)
+    assert "operation not permitted" in msg and "--train.cuda_graphs=false" in msg and "\n" not in msg
+    assert graphs.graphed is None
+
+
 # ------------------------------------------------------------------ on a GPU
 
 
