@@ -43,7 +43,7 @@ class SDPAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
         self.rope = None  # (q_freqs, k_freqs), set by FusedRopeSelfAttention for one forward
-        self.fused_rope = "auto"
+        self.fused_rope = "auto"  # set by FusedRopeSelfAttention (model.fused_rope)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -74,7 +74,8 @@ class FusedRopeSelfAttention(SelfAttention):
 
     def __init__(self, *args, fused_rope: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self.fused_rope = fused_rope  # model.fused_rope: auto | on | off (model/rope.py)
+        if isinstance(self.core_attention, SDPAttention):
+            self.core_attention.fused_rope = fused_rope  # model.fused_rope: auto | on | off (model/rope.py)
 
     def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, inference_context=None,
                 packed_seq_params=None, **kwargs):
@@ -86,7 +87,6 @@ class FusedRopeSelfAttention(SelfAttention):
                                    inference_context=inference_context, packed_seq_params=packed_seq_params,
                                    **kwargs)
         core.rope = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
-        core.fused_rope = self.fused_rope
         try:
             return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=None,
                                    inference_context=inference_context, packed_seq_params=packed_seq_params,

@@ -16,6 +16,7 @@ diagnostics (`last_aux`) are computed only when read, e.g. by the trainer at log
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -116,8 +117,7 @@ class MoDTransformerLayer(TransformerLayer):
         routing = self.route(hidden_states)
         # Kept for stats and aux losses, detached: holding the autograd graph past the step would keep its
         # memory (and, for CUDA graphs, stale stream references of its nodes) alive.
-        self.last_routing = Routing(index=routing.index, weight=routing.weight.detach(),
-                                    logits=routing.logits.detach(), valid=routing.valid)
+        self.last_routing = dataclasses.replace(routing, weight=routing.weight.detach(), logits=routing.logits.detach())
         index = routing.index  # [k, B], k static for a given S and capacity
         source, fused = hidden_states, use_fused(self.fused_routing, hidden_states)
         if routing.valid is not None:  # causal routing: padded rows point at a dummy row S

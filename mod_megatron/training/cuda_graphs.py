@@ -103,10 +103,10 @@ def _ensure_aux_loss_scale(device) -> None:
     that tensor, and later schedule steps copy the new scale into it rather than replacing it."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    cur = MoEAuxLossAutoScaler.main_loss_backward_scale
-    if cur is None or tuple(cur.shape) != (1,) or cur.device != device:
-        value = torch.ones(1) if cur is None else cur.detach().float().reshape(-1)[:1].cpu()
-        MoEAuxLossAutoScaler.main_loss_backward_scale = value.to(device)
+    from mod_megatron.model.predictor import set_aux_loss_scale
+
+    cur = MoEAuxLossAutoScaler.main_loss_backward_scale  # keep its value; set_aux_loss_scale fixes shape/device
+    set_aux_loss_scale(torch.ones(1, device=device) if cur is None else cur.detach().float().reshape(-1)[:1].to(device))
 
 
 class ChunkGraphs:

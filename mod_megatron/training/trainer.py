@@ -81,6 +81,7 @@ class Trainer:
                 layout_str = cost_aware_layout(cfg, cfg.parallel.pp)
         self._build(layout_str)
         self.graphs = []  # train.cuda_graphs: per-chunk ChunkGraphs, captured on the first training forward
+        self._graphs_reported = False  # the "cuda graphs: N layers captured" line, once per run
         if cfg.train.cuda_graphs:
             from mod_megatron.training import cuda_graphs
 
@@ -288,7 +289,7 @@ class Trainer:
         while self.iteration < stop_at:
             out = self.train_step(it)
             self.iteration += 1
-            if self.graphs and not getattr(self, "_graphs_reported", False):
+            if self.graphs and not self._graphs_reported:
                 self._graphs_reported = True
                 layers = sum(len(g.layers) for g in self.graphs if g.graphed)
                 secs = sum(g.capture_s or 0.0 for g in self.graphs)

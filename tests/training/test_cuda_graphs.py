@@ -85,6 +85,30 @@ def test_a_failed_capture_is_one_line_with_the_way_out(monkeypatch):
     assert graphs.graphed is None
 
 
+def test_the_aux_loss_scale_is_one_tensor_the_graphs_can_keep():
+    """Before capture the scale becomes a [1] tensor on the layers' device, value kept; after that it stays
+    the same object (the schedule copies each new scale into it), which is what the graphs read."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from mod_megatron.model.predictor import set_aux_loss_scale
+    from mod_megatron.training.cuda_graphs import _ensure_aux_loss_scale
+
+    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
+    try:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(0.25)  # megatron's 0-d default
+        _ensure_aux_loss_scale(torch.device("cpu"))
+        kept = MoEAuxLossAutoScaler.main_loss_backward_scale
+        assert kept.shape == (1,) and float(kept) == 0.25
+        _ensure_aux_loss_scale(torch.device("cpu"))
+        set_aux_loss_scale(0.5)
+        assert MoEAuxLossAutoScaler.main_loss_backward_scale is kept and float(kept) == 0.5
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
+        _ensure_aux_loss_scale(torch.device("cpu"))
+        assert float(MoEAuxLossAutoScaler.main_loss_backward_scale) == 1.0
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = saved
+
+
 # ------------------------------------------------------------------ on a GPU
 
 
