@@ -49,9 +49,13 @@ def rotary(seq: int, dim: int, device):
 
 
 def make_step(layer, x, rope):
+    """One fwd+bwd, the backward fed a fixed output gradient (as the next layer would hand it back)."""
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
+
     def step():
+        x.grad = None  # the input's gradient is handed on, not accumulated step after step
         out, _ = layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
-        out.float().sum().backward()
+        out.backward(grad)
     return step
 
 
@@ -101,7 +105,7 @@ def profile(layer, x, rope) -> None:
     with torch_profile(activities=acts) as prof:
         time_layer(layer, x, rope, warmup=0, iters=3)
     key = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60), flush=True)
 
 
 def _fmt(t, base) -> tuple[str, str]:
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time each layer graphed as by train.cuda_graphs (GPU only)")
     p.add_argument("--profile", action="store_true",
-                   help="also print the top kernels of the smallest-capacity MoD layer (torch.profiler)")
+                   help="also print the top kernels of the dense and the smallest-capacity MoD layer (torch.profiler)")
     args, overrides = p.parse_known_args(argv)
     warnings.filterwarnings("ignore")  # megatron-core's import-time notices; not when imported by tests
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o and "." in o.split("=", 1)[0])]
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
             print(row + f" {1 if c is None else 1 / c:.2f}x |", flush=True)
             if isinstance(tg, str):
                 print(f"#   {name}: {tg}", flush=True)
-            if args.profile and c == min(args.capacities):
+            if args.profile and c in (None, min(args.capacities)):
                 profile(layer, x, rope)
             if c is not None:
                 del layer

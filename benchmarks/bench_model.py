@@ -115,7 +115,7 @@ def write_profile(trainer, batches, path: str, cuda: bool, steps: int = 2) -> No
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(steps):
             trainer.train_step(batches)
         if cuda:
@@ -125,6 +125,9 @@ def write_profile(trainer, batches, path: str, cuda: bool, steps: int = 2) -> No
     with open(path, "w") as f:
         f.write(f"# {steps} training steps\n")
         f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+        f.write("\n# the same operators by input shapes\n")
+        f.write(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=30, max_name_column_width=40,
+                                                                   max_shapes_column_width=60))
 
 
 def run_config(config: str, args, overrides: list) -> dict:

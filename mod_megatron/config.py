@@ -39,6 +39,7 @@ class ModelConfig:
     untie_embeddings: bool = False
     attention_backend: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | local (megatron)
     fused_rope: str = "auto"  # RoPE fused by torch.compile inside SDPA attention: auto (on GPUs) | on | off
+    fused_layer: str = "auto"  # whole layer (MoD: with routing) compiled as one function: auto (GPUs) | on | off
 
 
 @dataclass
@@ -299,6 +300,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"model.position_embedding must be rope or learned_absolute, got {m.position_embedding!r}")
     _check(m.attention_backend in ("sdpa", "local"), f"model.attention_backend must be sdpa or local, got {m.attention_backend!r}")
     _check(m.fused_rope in ("auto", "on", "off"), f"model.fused_rope must be auto, on or off, got {m.fused_rope!r}")
+    _check(m.fused_layer in ("auto", "on", "off"), f"model.fused_layer must be auto, on or off, got {m.fused_layer!r}")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
 
     _check(0.0 < mod.capacity <= 1.0, f"mod.capacity must be in (0, 1], got {mod.capacity} (e.g. 0.125 = 12.5% of tokens)")

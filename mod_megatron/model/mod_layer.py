@@ -23,22 +23,31 @@ import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from mod_megatron.kernels.routing import combine_tokens, gather_tokens, use_fused
+from mod_megatron.model.fused_layer import FusedTransformerLayer, layer_meta, layer_params, rope_tables, run
+from mod_megatron.model.fused_mod import routed_forward
 from mod_megatron.model.predictor import Predictor, attach_aux_loss, aux_stats, bce_sum, install_aux_loss_scale
-from mod_megatron.model.router import Router, Routing, causal_route, topk_membership, topk_route
+from mod_megatron.model.router import Router, Routing, capacity_tokens, causal_route, topk_membership, topk_route
 
 install_aux_loss_scale()  # megatron's schedules then scale the aux losses like the LM loss
 ROUTING_MODES = ("topk", "causal-router", "causal-predictor")
 
 
-class MoDTransformerLayer(TransformerLayer):
-    """TransformerLayer with an expert-choice top-k router in front of it."""
+class MoDTransformerLayer(FusedTransformerLayer):
+    """TransformerLayer with an expert-choice top-k router in front of it.
+
+    Where the fused path applies (model.fused_layer, model/fused_layer.py) a top-k forward is one
+    compiled function (model/fused_mod.py); otherwise, and in the causal routing modes, it is the eager
+    route -> gather -> TransformerLayer.forward -> combine below.
+    """
 
     def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout: Optional[float] = None,
                  pg_collection=None, vp_stage: Optional[int] = None, *, capacity: float = 0.125,
                  router_weight: str = "sigmoid", router_init_std: float = 0.02, aux_loss_weight: float = 0.0,
-                 predictor: bool = False, predictor_loss_weight: float = 1.0, fused_routing: str = "auto"):
+                 predictor: bool = False, predictor_loss_weight: float = 1.0, fused_routing: str = "auto",
+                 fused_layer: str = "auto"):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
-                         hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage)
+                         hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage,
+                         fused_layer=fused_layer)
         self.capacity = capacity
         self.router_weight_kind = router_weight
         self.fused_routing = fused_routing  # auto | on | off: Triton gather/combine (kernels/routing.py)
@@ -113,6 +122,8 @@ class MoDTransformerLayer(TransformerLayer):
             output = self._with_aux_losses(output, hidden_states, self.last_routing, sp=True)
             self.last_routing.local_logits = self.last_routing.local_logits.detach()  # see below
             return output, context
+        if self.routing_mode == "topk" and self.use_fused(hidden_states, kwargs):
+            return self._fused_forward(hidden_states, rotary_pos_emb), None
         s, b, h = hidden_states.shape
         routing = self.route(hidden_states)
         # Kept for stats and aux losses, detached: holding the autograd graph past the step would keep its
@@ -135,6 +146,26 @@ class MoDTransformerLayer(TransformerLayer):
         if source is not hidden_states:
             output = output[:s]
         return self._with_aux_losses(output, hidden_states, routing), context
+
+    def _fused_forward(self, hidden_states: torch.Tensor, rotary_pos_emb) -> torch.Tensor:
+        """The top-k forward as one (compiled) function: the same outputs, losses and diagnostics."""
+        training = self.training and torch.is_grad_enabled()
+        router_w = self.aux_loss_weight if training else 0.0
+        pred_w = self.predictor_loss_weight if training and self.predictor is not None else 0.0
+        run_predictor = self.predictor is not None and (pred_w > 0 or not training)
+        pred_params = None
+        if self.predictor is not None:
+            p = self.predictor
+            pred_params = (p.fc1.weight, p.fc1.bias, p.fc2.weight, p.fc2.bias)
+        seq_len, batch = hidden_states.shape[:2]
+        routing = (capacity_tokens(seq_len, self.capacity), self.router_weight_kind, router_w, pred_w, run_predictor)
+        output, loss, index, weight, logits, pred = run(
+            routed_forward, self.fused_layer, hidden_states, self.router.weight, pred_params, layer_params(self),
+            rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self), routing)
+        self.last_routing = Routing(index=index, weight=weight, logits=logits)
+        self._aux_inputs = {"logits": logits, "index": index, "seq_len": seq_len, "first": 0, "pred": pred}
+        self._aux_stats = None
+        return output if loss is None else attach_aux_loss(output, loss)
 
     def _with_aux_losses(self, output: torch.Tensor, hidden_states: torch.Tensor, routing: Routing,
                          sp: bool = False) -> torch.Tensor:
@@ -181,6 +212,8 @@ class MoDTransformerLayer(TransformerLayer):
 
     def transformer_block(self, hidden_states: torch.Tensor, rotary_pos_emb=None, **kwargs):
         """The plain TransformerLayer forward (attention + MLP with their residuals) on routed tokens."""
+        if self.routing_mode != "topk":  # the routed count varies per batch: megatron's path, no per-shape compile
+            return TransformerLayer.forward(self, hidden_states=hidden_states, rotary_pos_emb=rotary_pos_emb, **kwargs)
         return super().forward(hidden_states=hidden_states, rotary_pos_emb=rotary_pos_emb, **kwargs)
 
 

@@ -23,9 +23,14 @@ FUSED_ROPE_MODES = ("auto", "on", "off")
 
 def rotate(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """megatron-core's `_apply_rotary_pos_emb_bshd` (rotary_interleaved=False, mscale=1): t [s,b,h,d]."""
-    rot = freqs.shape[-1]
+    return rotate_cos_sin(t, torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype))
+
+
+def rotate_cos_sin(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate` with cos(freqs) and sin(freqs) given (in t's dtype): a fused kernel then loads them
+    instead of evaluating two transcendentals per element of every query and key."""
+    rot = cos.shape[-1]
     t_rot, t_pass = t[..., :rot], t[..., rot:]
-    cos, sin = torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)
     x1, x2 = torch.chunk(t_rot, 2, dim=-1)
     out = t_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((out, t_pass), dim=-1) if t_pass.shape[-1] else out

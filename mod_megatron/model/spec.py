@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from mod_megatron.config import Config, is_moe_layer
 from mod_megatron.model.attention import FusedRopeSelfAttention, SDPAttention
+from mod_megatron.model.fused_layer import FusedTransformerLayer
 from mod_megatron.model.mod_layer import MoDTransformerLayer
 from mod_megatron.parallel.norm import SequenceParallelTorchNorm
 
@@ -28,8 +29,11 @@ def is_routed(cfg: Config, layer_index: int) -> bool:
 
 
 def dense_layer_spec(cfg: Config) -> ModuleSpec:
-    """megatron-core's local (TE-free) layer spec, with SDPA core attention unless asked otherwise."""
+    """megatron-core's local (TE-free) layer spec, with SDPA core attention unless asked otherwise, as a
+    FusedTransformerLayer (model.fused_layer: the layer compiled as one function where it can be)."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=cfg.model.normalization))
+    spec.module = FusedTransformerLayer
+    spec.params = dict(spec.params or {}, fused_layer=cfg.model.fused_layer)
     if cfg.model.attention_backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
         if cfg.model.position_embedding == "rope" and cfg.model.fused_rope != "off":

@@ -85,6 +85,9 @@ def build_model_chunks(cfg: Config, device: torch.device, wrap_ddp: bool = True,
 
 
 def build_optimizer(cfg: Config, chunks, dtype: torch.dtype):
+    from mod_megatron.training import multi_tensor
+
+    multi_tensor.install()  # foreach grad-norm/scale kernels where megatron fell back to per-tensor loops
     t = cfg.train
     ocfg = OptimizerConfig(
         optimizer="adam",

@@ -10,6 +10,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from mod_megatron.config import load_config
 from mod_megatron.model.attention import SDPAttention
+from mod_megatron.model.fused_layer import FusedTransformerLayer
 from mod_megatron.model.gpt import transformer_config
 from mod_megatron.model.mod_layer import MoDTransformerLayer
 from mod_megatron.model.spec import block_spec, is_routed, layer_specs
@@ -65,15 +66,17 @@ def test_layer_specs_route_where_the_config_says(layers, every, first, routed):
     assert [i for i in range(layers) if is_routed(cfg, i)] == routed
     specs = layer_specs(cfg)
     assert [i for i, s in enumerate(specs) if s.module is MoDTransformerLayer] == routed
-    assert all(s.module is TransformerLayer for i, s in enumerate(specs) if i not in routed)
+    # dense layers: megatron's TransformerLayer with the fused fast path (model.fused_layer)
+    assert all(s.module is FusedTransformerLayer for i, s in enumerate(specs) if i not in routed)
+    assert issubclass(FusedTransformerLayer, TransformerLayer) and issubclass(MoDTransformerLayer, FusedTransformerLayer)
     cfg.mod.enabled = False
-    assert all(s.module is TransformerLayer for s in layer_specs(cfg))
+    assert all(s.module is FusedTransformerLayer for s in layer_specs(cfg))
 
 
 def test_built_mod_model_has_routers_on_routed_layers_with_config_capacity(build_gpt):
     cfg, model = build_gpt("--mod.capacity=0.3", "--mod.router_weight=linear")
     kinds = [type(layer) for layer in model.decoder.layers]
-    assert kinds == [TransformerLayer, MoDTransformerLayer, TransformerLayer, MoDTransformerLayer]
+    assert kinds == [FusedTransformerLayer, MoDTransformerLayer, FusedTransformerLayer, MoDTransformerLayer]
     for layer in model.decoder.layers[1::2]:
         assert layer.capacity == 0.3 and layer.router_weight_kind == "linear"
     assert isinstance(model.decoder.layers[0].self_attention.core_attention, SDPAttention)

@@ -54,7 +54,7 @@ def test_skipped_step_changes_no_parameter_and_no_optimizer_state(megatron_singl
     monkeypatch.setenv("MOD_TEST_INJECT_NAN", "2@3")
     out = trainer.train_step(it)
     assert out["skipped"] and math.isnan(out["loss"])
-    assert out["nonfinite"] == "first non-finite output at decoder layer 3 (TransformerLayer), micro-batch 0"
+    assert out["nonfinite"] == "first non-finite output at decoder layer 3 (FusedTransformerLayer), micro-batch 0"
     assert all(torch.equal(a, b) for a, b in zip(params, trainer.chunks[0].parameters()))
     after = [v for st in trainer.optimizer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
     assert all(torch.equal(a, b) for a, b in zip(moments, after)) and trainer.scheduler.num_steps == lr_steps
@@ -90,7 +90,7 @@ def test_stop_policy_names_step_and_layer(prepared, tmp_path):
     assert proc.returncode == 3, proc.stdout[-3000:]
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert errors == ["error: iteration 6: non-finite loss (first non-finite output at decoder layer 3 "
-                      "(TransformerLayer), micro-batch 0); stopped before applying the update "
+                      "(FusedTransformerLayer), micro-batch 0); stopped before applying the update "
                       "(train.nan_policy=stop); rerun to resume from the last checkpoint"]
     assert latest(tmp_path / "ckpt") == 4
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["iter_0000004", "latest"]

@@ -1,0 +1,218 @@
+"""A fused fast path for megatron-core's TransformerLayer (`model.fused_layer`).
+
+megatron-core's local (Transformer-Engine-free) layer runs every norm, residual add, activation,
+rotary embedding and layout change as its own eager kernel, forward and backward; on an H100/H200
+that elementwise work took about half of a 368M training step (docs/benchmarks.md). Here the same
+layer is one function of its input and its parameters,
+
+    h = x + proj(attention(rope(qkv(norm1(x)))))        pre-LN, causal SDPA, no biases
+    y = h + fc2(act(fc1(norm2(h))))                    act: GeLU, or SwiGLU (gated)
+
+which `torch.compile` turns into a few fused kernels around the matmuls and flash attention, forward
+and backward. The parameters stay megatron's own modules' (`linear_qkv.weight`, ...): checkpoints,
+DDP, the optimizer and the spec are unchanged, and the MoD layer (model/mod_layer.py) runs its whole
+routed forward (router, top-k, gather, this layer, combine, aux losses) as one compiled function too.
+
+`fused_reason(layer)` says why a layer can't take this path (tensor or sequence parallelism, MoE,
+dropout, biases, other attention cores or norms, ...); such a layer, and any call with arguments the
+path does not model (KV-cache inference, packed sequences), runs megatron's forward. Modes:
+`auto` fuses CUDA tensors (compiled) and leaves CPU runs on megatron's path; `on` fuses everywhere
+(eagerly on a CPU: that is how the tests check it against megatron's forward); `off` never.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from mod_megatron.model.rope import rotate_cos_sin
+
+FUSED_LAYER_MODES = ("auto", "on", "off")
+# Arguments of TransformerLayer.forward the fused path does not model: any of them set -> megatron's path.
+_PLAIN_IF_SET = ("context", "context_mask", "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin",
+                 "attention_bias", "inference_context", "packed_seq_params", "sequence_len_offset",
+                 "padding_mask", "inference_params")
+
+
+class _Linear(torch.autograd.Function):
+    """x @ w.T with megatron's weight gradient layout: dW = dY^T X, [out, in] like the weight.
+
+    Differentiating F.linear inside a compiled graph yields dW as the transpose of an [in, out] matmul,
+    a strided view; parameters then receive transposed gradients, and megatron's DDP adds each one into
+    its fp32 main_grad with a strided read (~20x slower than a contiguous add, measured on an H200).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+        return grad.matmul(w), grad_w
+
+
+def _linear(x, w):
+    return _Linear.apply(x, w)
+
+
+def _norm(x, weight, bias, eps: float, kind: str):
+    if kind == "RMSNorm":
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def block(x, params, rope, meta: tuple):
+    """The layer's output for input x [s, b, H] (megatron's TransformerLayer forward, no dropout/bias).
+
+    params: (norm1 weight, norm1 bias, qkv weight, proj weight, norm2 weight, norm2 bias, fc1 weight,
+    fc2 weight), biases None for RMSNorm; rope: (q_cos, q_sin, k_cos, k_sin) [s, 1|b, 1, rot] in x's
+    dtype (`rope_tables`), or None; meta: (norm kind, eps, query groups, query heads per group, head dim,
+    softmax scale, activation).
+    """
+    n1w, n1b, qkv_w, proj_w, n2w, n2b, fc1_w, fc2_w = params
+    norm, eps, groups, per_group, head_dim, scale, act = meta
+    s, b, _ = x.shape
+    # megatron's grouped QKV layout: per query group, its query heads, then one key and one value head
+    qkv = _linear(_norm(x, n1w, n1b, eps, norm), qkv_w).view(s, b, groups, per_group + 2, head_dim)
+    q = qkv[:, :, :, :per_group].reshape(s, b, groups * per_group, head_dim)
+    k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]
+    if rope is not None:
+        q, k = rotate_cos_sin(q, rope[0], rope[1]), rotate_cos_sin(k, rope[2], rope[3])
+    o = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                                       is_causal=s > 1, scale=scale, enable_gqa=groups != groups * per_group)
+    h = x + _linear(o.permute(2, 0, 1, 3).reshape(s, b, -1), proj_w)  # [b, heads, s, d] -> [s, b, H]
+    f = _linear(_norm(h, n2w, n2b, eps, norm), fc1_w)
+    if act == "swiglu":
+        gate, lin = torch.chunk(f, 2, dim=-1)
+        f = F.silu(gate) * lin
+    else:
+        f = F.gelu(f)
+    return h + _linear(f, fc2_w)
+
+
+def rope_tables(rotary_pos_emb, dtype: torch.dtype):
+    """(q_cos, q_sin, k_cos, k_sin) in `dtype` from megatron's rotary_pos_emb (a tensor, a pair, or None),
+    computed once per layer call, outside the fused function, so its kernels load them."""
+    if rotary_pos_emb is None:
+        return None
+    q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
+    q = (torch.cos(q_freqs).to(dtype), torch.sin(q_freqs).to(dtype))
+    k = q if k_freqs is q_freqs else (torch.cos(k_freqs).to(dtype), torch.sin(k_freqs).to(dtype))
+    return (*q, *k)
+
+
+def fused_reason(layer: TransformerLayer) -> Optional[str]:
+    """Why this layer cannot take the fused path (None if it can)."""
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP
+
+    from mod_megatron.model.attention import SDPAttention
+
+    c = layer.config
+    if c.tensor_model_parallel_size > 1 or c.sequence_parallel or c.context_parallel_size > 1:
+        return "tensor, sequence or context parallelism"
+    if getattr(c, "fp8", None) or c.recompute_granularity is not None:
+        return "fp8 or activation recomputation"
+    attn, mlp = layer.self_attention, layer.mlp
+    if type(mlp) is not MLP:
+        return "not a dense MLP (MoE)"
+    if not isinstance(attn, SelfAttention) or not isinstance(attn.core_attention, SDPAttention):
+        return "not SDPA self-attention"
+    if any(not isinstance(getattr(attn, n, None), (type(None), IdentityOp)) for n in ("q_layernorm", "k_layernorm")):
+        return "query/key norms"
+    if c.add_bias_linear or c.apply_residual_connection_post_layernorm or c.fp32_residual_connection:
+        return "linear biases or a non-standard residual"
+    if c.activation_func_clamp_value is not None or c.glu_linear_offset != 0:
+        return "a clamped or offset GLU"
+    gelu, swiglu = c.activation_func is F.gelu and not c.gated_linear_unit, c.activation_func is F.silu and c.gated_linear_unit
+    if not (gelu or swiglu):
+        return "an activation other than GeLU or SwiGLU"
+    for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
+        if type(norm) not in (torch.nn.LayerNorm, torch.nn.RMSNorm):
+            return "norms other than torch's LayerNorm/RMSNorm"
+    if layer.hidden_dropout > 0 or attn.core_attention.dropout_p > 0:
+        return "dropout"
+    if getattr(attn, "output_gate", False) or getattr(c, "attention_output_gate", False):
+        return "an attention output gate"
+    return None
+
+
+def layer_params(layer: TransformerLayer) -> tuple:
+    attn, mlp = layer.self_attention, layer.mlp
+    n1, n2 = layer.input_layernorm, layer.pre_mlp_layernorm
+    return (n1.weight, getattr(n1, "bias", None), attn.linear_qkv.weight, attn.linear_proj.weight,
+            n2.weight, getattr(n2, "bias", None), mlp.linear_fc1.weight, mlp.linear_fc2.weight)
+
+
+def layer_meta(layer: TransformerLayer) -> tuple:
+    c, attn = layer.config, layer.self_attention
+    groups = attn.num_query_groups_per_partition
+    norm = "RMSNorm" if type(layer.input_layernorm) is torch.nn.RMSNorm else "LayerNorm"
+    eps = layer.input_layernorm.eps
+    return (norm, float(eps if eps is not None else 1e-5), groups,
+            attn.num_attention_heads_per_partition // groups, attn.hidden_size_per_attention_head,
+            attn.core_attention.softmax_scale, "swiglu" if c.gated_linear_unit else "gelu")
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    """torch.compile(fn), shapes static (each distinct shape compiles once, e.g. dense S and routed k)."""
+    dynamo = torch._dynamo.config
+    # Dense and routed shapes, train and eval, several batch sizes: more than dynamo's default 8 variants.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), 64))
+    return torch.compile(fn, dynamic=False)
+
+
+_failed: set = set()  # functions whose compilation failed once: they run eagerly from then on
+
+
+def run(fn, mode: str, x: torch.Tensor, *args, **kwargs):
+    """fn(x, ...) compiled on CUDA tensors, eagerly elsewhere (or after a failed compilation in auto)."""
+    if not x.is_cuda or fn in _failed:
+        return fn(x, *args, **kwargs)
+    try:
+        return compiled(fn)(x, *args, **kwargs)
+    except Exception as e:  # e.g. no working compiler toolchain: keep training, unfused
+        if mode == "on":
+            raise
+        _failed.add(fn)
+        warnings.warn(f"model.fused_layer: torch.compile failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); running {fn.__name__} eagerly")
+        return fn(x, *args, **kwargs)
+
+
+class FusedTransformerLayer(TransformerLayer):
+    """megatron-core's TransformerLayer whose forward takes the fused path where it applies."""
+
+    def __init__(self, *args, fused_layer: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if fused_layer not in FUSED_LAYER_MODES:
+            raise ValueError(f"unknown fused_layer mode {fused_layer!r}; choose from {', '.join(FUSED_LAYER_MODES)}")
+        self.fused_layer = fused_layer
+        self.fused_why_not = fused_reason(self) if fused_layer != "off" else "model.fused_layer=off"
+        if fused_layer == "on" and self.fused_why_not is not None:
+            raise ValueError(f"model.fused_layer=on cannot fuse this layer ({self.fused_why_not}); "
+                             "use --model.fused_layer=auto")
+
+    def use_fused(self, hidden_states: torch.Tensor, kwargs: dict) -> bool:
+        """Take the fused path for this call? (mode, layer support, and arguments it models)"""
+        if self.fused_why_not is not None or any(kwargs.get(name) is not None for name in _PLAIN_IF_SET):
+            return False
+        return self.fused_layer == "on" or hidden_states.is_cuda
+
+    def forward(self, hidden_states: torch.Tensor, *args, rotary_pos_emb=None, **kwargs):
+        if args or not self.use_fused(hidden_states, kwargs):
+            return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+        out = run(block, self.fused_layer, hidden_states, layer_params(self),
+                  rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self))
+        return out, None

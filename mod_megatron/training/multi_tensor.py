@@ -1,0 +1,50 @@
+"""Multi-tensor grad-norm and scale/copy for megatron-core's optimizer when neither apex nor TE is installed.
+
+megatron-core's optimizer computes the gradient norm for clipping and copies the fp32 main params back
+into the bf16 model params through apex's or Transformer Engine's multi-tensor kernels. Without
+them it falls back to `megatron.core.utils.local_multi_tensor_l2_norm` (one `torch.norm` per tensor,
+then `torch.tensor()` over the list of device scalars: a device-to-host copy per parameter) and
+`local_multi_tensor_scale` (a multiply and a copy per parameter). With a few hundred parameters that
+is a thousand small kernels and hundreds of host synchronisations per step.
+
+`install()` swaps those two fallbacks, where megatron-core chose them, for the same operations on
+`torch._foreach_*` kernels (one launch per group of tensors, no host synchronisation). Nothing changes
+when apex or TE provided the kernels. Results match the fallbacks (tests/training/test_multi_tensor.py).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for amp_C.multi_tensor_l2norm: ([total L2 norm], None) over tensor_lists[0]."""
+    tensors = tensor_lists[0]
+    if not tensors:
+        return torch.zeros(1, device=noop_flag.device), None
+    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def scale(chunk_size, noop_flag, tensor_lists, factor):
+    """Drop-in for amp_C.multi_tensor_scale: tensor_lists[1][i] = tensor_lists[0][i] * factor."""
+    src, dst = tensor_lists
+    if not src:
+        return
+    if factor == 1.0:
+        torch._foreach_copy_(dst, src)
+    elif all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, factor)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, factor))
+
+
+def install() -> None:
+    """Use these in megatron-core's clip_grads and optimizer modules where they bound the local fallbacks."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    for module in (clip_grads, optimizer):
+        if getattr(module, "l2_norm_impl", None) is utils.local_multi_tensor_l2_norm:
+            module.l2_norm_impl = l2_norm
+        if getattr(module, "multi_tensor_scale_impl", None) is utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = scale
