@@ -39,7 +39,8 @@ class ModelConfig:
     untie_embeddings: bool = False
     attention_backend: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | local (megatron)
     fused_rope: str = "auto"  # RoPE fused by torch.compile inside SDPA attention: auto (on GPUs) | on | off
-    fused_layer: str = "auto"  # whole layer (MoD: with routing) compiled as one function: auto (GPUs) | on | off
+    # whole layer (MoD: with routing) compiled as one function, and megatron's fused cross entropy: auto (GPUs) | on | off
+    fused_layer: str = "auto"
 
 
 @dataclass

@@ -176,3 +176,29 @@ def test_compiled_layers_equal_eager_ones_on_a_gpu(gpu_process, extra):
         torch.testing.assert_close(comp[2][name] / scale, grad / scale, rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
     for key in eager[4]:
         torch.testing.assert_close(comp[4][key], eager[4][key], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.compile with triton)")
+def test_training_with_fused_layers_follows_megatrons_path(tmp_path):
+    """The real Trainer (DDP, megatron optimizer, 2 micro-batches per step) with model.fused_layer=auto
+    (compiled layers and megatron's fused cross entropy) against =off: the same losses step by step."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tiny = ["--model.num_layers=4", "--model.hidden_size=256", "--model.num_attention_heads=4",
+            "--model.seq_length=256", "--model.vocab_size=512", "--train.micro_batch_size=4",
+            "--train.global_batch_size=8"]
+    runs = {}
+    for mode in ("off", "auto"):
+        out = tmp_path / f"{mode}.json"
+        subprocess.run([sys.executable, "benchmarks/bench_model.py", "--configs", "gpt-125m-mod", "--warmup=2",
+                        "--iters=6", f"--json={out}", *tiny, f"--model.fused_layer={mode}"],
+                       cwd=repo, check=True, timeout=600, capture_output=True)
+        (runs[mode],) = json.loads(out.read_text())
+    off, on = runs["off"]["losses"], runs["auto"]["losses"]
+    assert len(off) == len(on) == 8 and off[-1] < off[0]
+    for a, b in zip(off, on):
+        assert abs(a - b) < 2e-2 * max(1.0, abs(a)), (off, on)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from mod_megatron.config import load_config
+from mod_megatron.model.fused_layer import FusedTransformerLayer
 from mod_megatron.model.mod_layer import MoDTransformerLayer
 from mod_megatron.model.spec import layer_specs
 from mod_megatron.moe.router import MoDERouter, target_distribution
@@ -22,7 +22,7 @@ def _kinds(*overrides):
 
 
 def test_models_differ_only_in_the_layer_list():
-    T, D, E = TransformerLayer, MoDTransformerLayer, MoELayer
+    T, D, E = FusedTransformerLayer, MoDTransformerLayer, MoELayer  # T: megatron's layer + fused fast path
     assert _kinds("--mod.enabled=false") == [(T, MLP)] * 4
     assert _kinds() == [(T, MLP), (D, MLP), (T, MLP), (D, MLP)]
     assert _kinds("--mod.enabled=false", *MOE) == [(T, E)] * 4
