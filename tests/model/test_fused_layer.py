@@ -199,6 +199,6 @@ def test_training_with_fused_layers_follows_megatrons_path(tmp_path):
                        cwd=repo, check=True, timeout=600, capture_output=True)
         (runs[mode],) = json.loads(out.read_text())
     off, on = runs["off"]["losses"], runs["auto"]["losses"]
-    assert len(off) == len(on) == 8 and off[-1] < off[0]
+    assert len(off) == len(on) == 8 and len(set(on)) == 8  # the fused steps really update the weights
     for a, b in zip(off, on):
         assert abs(a - b) < 2e-2 * max(1.0, abs(a)), (off, on)
