@@ -77,6 +77,7 @@ def parse_args(argv):
     p.add_argument("--cuda-graphs", action="store_true", help="train with --train.cuda_graphs=true (GPU)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline (~1 min)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (steps, tokens, epochs) and stop")
+    p.add_argument("--report", metavar="RESULTS_JSON", help="print the table of an earlier run's results.json and stop")
     args = p.parse_args(argv)
     if args.smoke:
         args.layers, args.hidden, args.heads, args.seq_length, args.batch = 2, 32, 2, 32, 4
@@ -369,6 +370,25 @@ LEGEND = ("wall s: the whole mod-train subprocess (start-up, training, final eva
           "train-split tokens.")
 
 
+def time_to_dense_loss(rows) -> list[str]:
+    """Per budget: when MoD's logged training loss first reached the dense run's final one, in steps and in
+    steady-state training seconds (step x tokens per step / tokens/s), against the dense run's own time."""
+    lines = []
+    for b in sorted({r["budget_index"] for r in rows}):
+        pair = {r["model"]: r for r in rows if r["budget_index"] == b and r.get("curve") and r.get("tokens_per_s")}
+        if set(pair) != set(MODELS):
+            continue
+        dense, mod = pair["dense"], pair["mod"]
+        target = dense["curve"][-1][1]
+        seconds = lambda r, steps: steps * r["tokens"] / r["iters"] / r["tokens_per_s"]  # noqa: E731
+        step = next((it for it, loss in mod["curve"] if loss <= target), None)
+        reached = (f"MoD reached it at step {step} of {mod['iters']}, {seconds(mod, step):.1f} s" if step is not None
+                   else f"MoD did not reach it in its {mod['iters']} steps")
+        lines.append(f"budget {dense['budget']:.2e}: dense final train loss {target:.4f} after "
+                     f"{seconds(dense, dense['iters']):.1f} s of training; {reached}")
+    return lines
+
+
 def plot(rows, path) -> str:
     try:
         import matplotlib
@@ -411,6 +431,11 @@ def gpu_name():
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.report:
+        with open(args.report) as f:
+            rows = json.load(f)["runs"]
+        print("\n".join([format_table(rows), "", LEGEND, "", *time_to_dense_loss(rows)]))
+        return 0
     from mod_megatron.config import ConfigError
     from mod_megatron.data.common import DataError
 
@@ -450,9 +475,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     run_all(jobs, args, on_result, lock)
     table = format_table(rows)
+    reach = "\n".join(time_to_dense_loss(rows))
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table + "\n\n" + LEGEND + "\n")
-    print(f"\n{table}\n\n{LEGEND}\n\ntotal wall {time.time() - t0:.0f} s; "
+        f.write(table + "\n\n" + LEGEND + "\n\n" + reach + "\n")
+    print(f"\n{table}\n\n{LEGEND}\n\n{reach}\n\ntotal wall {time.time() - t0:.0f} s; "
           f"results: {os.path.join(args.out, 'results.json')}")
     print(plot(rows, os.path.join(args.out, "isoflop.png")))
     failed = [r["name"] for r in rows if r.get("error")]

@@ -63,3 +63,29 @@ def test_match_step_gives_a_deeper_mod_with_the_dense_steps(prepared):
         dense, mod = plan[f"{b}-dense"], plan[f"{b}-mod"]
         assert mod["steps"] == dense["steps"] and mod["layers"] > dense["layers"] and mod["layers"] % 2 == 0
         assert abs(mod["flops"] - dense["flops"]) / dense["flops"] < 0.25  # nearest depth (smoke: 2 layers)
+
+
+def test_time_to_dense_loss_reads_the_curves():
+    from benchmarks.isoflop import time_to_dense_loss
+
+    def row(model, iters, curve, tokens_per_s, budget_index=1):
+        return {"model": model, "budget_index": budget_index, "budget": 4e15, "iters": iters, "curve": curve,
+                "tokens": iters * 1000, "tokens_per_s": tokens_per_s}
+
+    rows = [row("dense", 100, [[50, 4.0], [100, 3.0]], 10_000),  # 1000 tokens/step at 10k/s: 0.1 s a step
+            row("mod", 200, [[50, 3.5], [100, 2.9], [200, 2.5]], 20_000)]  # 0.05 s a step
+    (line,) = time_to_dense_loss(rows)
+    assert line == ("budget 4.00e+15: dense final train loss 3.0000 after 10.0 s of training; "
+                    "MoD reached it at step 100 of 200, 5.0 s")
+    rows[1]["curve"] = [[200, 3.1]]
+    assert time_to_dense_loss(rows)[0].endswith("; MoD did not reach it in its 200 steps")
+    assert time_to_dense_loss(rows[:1]) == []  # no MoD run for the budget: nothing to compare
+
+
+def test_report_reprints_a_stored_run():
+    proc = run("--report", os.path.join(REPO, "docs", "data", "isoflop-h200-fused.json"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + 4 and "| 1.20e+16 | mod | 29.5M | 2699 |" in proc.stdout
+    assert "budget 4.00e+15: dense final train loss 3.5929 after 15.7 s of training; " \
+           "MoD reached it at step 396 of 900, 9.3 s" in proc.stdout
