@@ -47,7 +47,7 @@ def transformer_config(cfg: Config, dtype: torch.dtype = torch.float32, **overri
         pipeline_dtype=dtype,
         use_cpu_initialization=not on_gpu,
         # model.fused_layer on a GPU also takes megatron-core's own fused (torch.compile'd) cross entropy
-        cross_entropy_loss_fusion=on_gpu and m.fused_layer != "off",
+        cross_entropy_loss_fusion=on_gpu and cfg.train.device != "cpu" and m.fused_layer != "off",
         cross_entropy_fusion_impl="native",
     )
     from mod_megatron.moe.spec import transformer_kwargs as moe_kwargs

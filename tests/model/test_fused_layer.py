@@ -202,3 +202,16 @@ def test_training_with_fused_layers_follows_megatrons_path(tmp_path):
     assert len(off) == len(on) == 8 and len(set(on)) == 8  # the fused steps really update the weights
     for a, b in zip(off, on):
         assert abs(a - b) < 2e-2 * max(1.0, abs(a)), (off, on)
+
+
+@pytest.mark.parametrize("extra,fused", [([], True), (["--train.device=cpu"], False),
+                                         (["--model.fused_layer=off"], False)], ids=["gpu", "cpu-device", "off"])
+def test_fused_cross_entropy_only_for_gpu_training_with_fused_layers(monkeypatch, extra, fused):
+    from mod_megatron import platform
+    from mod_megatron.model.gpt import transformer_config
+
+    monkeypatch.setattr(platform, "cuda_available", lambda: True)  # as on a GPU machine
+    tcfg = transformer_config(load_config(None, TINY + extra))
+    assert tcfg.cross_entropy_loss_fusion is fused and tcfg.cross_entropy_fusion_impl == "native"
+    monkeypatch.setattr(platform, "cuda_available", lambda: False)
+    assert transformer_config(load_config(None, TINY + extra)).cross_entropy_loss_fusion is False
