@@ -15,7 +15,7 @@ import torch
 from mod_megatron.config import load_config
 from mod_megatron.model.fused_layer import FusedTransformerLayer
 from mod_megatron.model.mod_layer import MoDTransformerLayer, mod_layers
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_trainer_runs
 
 CUDA = torch.cuda.is_available()
 
@@ -131,6 +131,7 @@ def test_compiled_layers_equal_eager_ones_on_a_gpu(gpu_process, extra):
     from megatron.core.transformer.spec_utils import build_module
 
     from benchmarks.bench_block import rotary
+    from mod_megatron.model import compiled as compiled_fns
     from mod_megatron.model import fused_layer, fused_mod
     from mod_megatron.model.gpt import transformer_config
     from mod_megatron.model.predictor import set_aux_loss_scale
@@ -151,9 +152,9 @@ def test_compiled_layers_equal_eager_ones_on_a_gpu(gpu_process, extra):
     rope = rotary(S, H // 4, "cuda")
     results = {}
     for compiled in (False, True):
-        fused_layer._failed.clear()
+        compiled_fns._failed.clear()
         if not compiled:  # functions in _failed run eagerly
-            fused_layer._failed.update({fused_layer.block, fused_mod.routed_forward})
+            compiled_fns._failed.update({fused_layer.block, fused_mod.routed_forward})
         x = x0.clone().requires_grad_(True)
         for layer in layers:
             layer.zero_grad(set_to_none=True)
@@ -166,7 +167,7 @@ def test_compiled_layers_equal_eager_ones_on_a_gpu(gpu_process, extra):
         grads = {f"{i}.{n}": p.grad.float().clone() for i, l in enumerate(layers) for n, p in l.named_parameters()}
         results[compiled] = (h.float(), x.grad.float(), grads, layers[1].last_routing.index.clone(),
                              {k: v.float() for k, v in layers[1].last_aux.items()})
-    fused_layer._failed.clear()
+    compiled_fns._failed.clear()
     eager, comp = results[False], results[True]
     assert torch.equal(eager[3], comp[3])
     torch.testing.assert_close(comp[0], eager[0], rtol=2e-2, atol=2e-2)
@@ -182,22 +183,7 @@ def test_compiled_layers_equal_eager_ones_on_a_gpu(gpu_process, extra):
 def test_training_with_fused_layers_follows_megatrons_path(tmp_path):
     """The real Trainer (DDP, megatron optimizer, 2 micro-batches per step) with model.fused_layer=auto
     (compiled layers and megatron's fused cross entropy) against =off: the same losses step by step."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    tiny = ["--model.num_layers=4", "--model.hidden_size=256", "--model.num_attention_heads=4",
-            "--model.seq_length=256", "--model.vocab_size=512", "--train.micro_batch_size=4",
-            "--train.global_batch_size=8"]
-    runs = {}
-    for mode in ("off", "auto"):
-        out = tmp_path / f"{mode}.json"
-        subprocess.run([sys.executable, "benchmarks/bench_model.py", "--configs", "gpt-125m-mod", "--warmup=2",
-                        "--iters=6", f"--json={out}", *tiny, f"--model.fused_layer={mode}"],
-                       cwd=repo, check=True, timeout=600, capture_output=True)
-        (runs[mode],) = json.loads(out.read_text())
+    runs = tiny_trainer_runs(tmp_path, {mode: [f"--model.fused_layer={mode}"] for mode in ("off", "auto")})
     off, on = runs["off"]["losses"], runs["auto"]["losses"]
     assert len(off) == len(on) == 8 and len(set(on)) == 8  # the fused steps really update the weights
     for a, b in zip(off, on):

@@ -6,19 +6,14 @@ The GPU tests are skipped without CUDA (CI); they ran on the device with `pytest
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from benchmarks.bench_block import rotary
 from mod_megatron.config import ConfigError, load_config
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_trainer_runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
@@ -185,16 +180,7 @@ def test_graphed_layers_equal_eager_layers(gpu_process):
 @needs_cuda
 def test_training_with_graphs_follows_training_without(tmp_path):
     """bench_model's worker runs the real Trainer (DDP, megatron optimizer, 2 micro-batches per step)."""
-    tiny = ["--model.num_layers=4", "--model.hidden_size=256", "--model.num_attention_heads=4",
-            "--model.seq_length=256", "--model.vocab_size=512", "--train.micro_batch_size=4",
-            "--train.global_batch_size=8"]
-    runs = {}
-    for graphs in ("false", "true"):
-        out = tmp_path / f"{graphs}.json"
-        subprocess.run([sys.executable, "benchmarks/bench_model.py", "--configs", "gpt-125m-mod", "--warmup=2",
-                        "--iters=6", f"--json={out}", *tiny, f"--train.cuda_graphs={graphs}"],
-                       cwd=REPO, check=True, timeout=600, capture_output=True)
-        (runs[graphs],) = json.loads(out.read_text())
+    runs = tiny_trainer_runs(tmp_path, {g: [f"--train.cuda_graphs={g}"] for g in ("false", "true")})
     off, on = runs["false"], runs["true"]
     assert off["cuda_graph_layers"] == 0 and on["cuda_graph_layers"] == 4
     assert on["cuda_graph_replays"] >= 4 * 2 * 7  # every micro-batch after the capturing one replayed
