@@ -21,19 +21,18 @@ path does not model (KV-cache inference, packed sequences), runs megatron's forw
 """
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from mod_megatron.model.compiled import run
 from mod_megatron.model.rope import rotate_cos_sin
 
 FUSED_LAYER_MODES = ("auto", "on", "off")
 # Arguments of TransformerLayer.forward the fused path does not model: any of them set -> megatron's path.
-_PLAIN_IF_SET = ("context", "context_mask", "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin",
+PLAIN_IF_SET = ("context", "context_mask", "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin",
                  "attention_bias", "inference_context", "packed_seq_params", "sequence_len_offset",
                  "padding_mask", "inference_params")
 
@@ -162,35 +161,6 @@ def layer_meta(layer: TransformerLayer) -> tuple:
             attn.core_attention.softmax_scale, "swiglu" if c.gated_linear_unit else "gelu")
 
 
-@functools.lru_cache(maxsize=None)
-def compiled(fn):
-    """torch.compile(fn), shapes static (each distinct shape compiles once, e.g. dense S and routed k)."""
-    dynamo = torch._dynamo.config
-    # Dense and routed shapes, train and eval, several batch sizes: more than dynamo's default 8 variants.
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo, name):
-            setattr(dynamo, name, max(getattr(dynamo, name), 64))
-    return torch.compile(fn, dynamic=False)
-
-
-_failed: set = set()  # functions whose compilation failed once: they run eagerly from then on
-
-
-def run(fn, mode: str, x: torch.Tensor, *args, **kwargs):
-    """fn(x, ...) compiled on CUDA tensors, eagerly elsewhere (or after a failed compilation in auto)."""
-    if not x.is_cuda or fn in _failed:
-        return fn(x, *args, **kwargs)
-    try:
-        return compiled(fn)(x, *args, **kwargs)
-    except Exception as e:  # e.g. no working compiler toolchain: keep training, unfused
-        if mode == "on":
-            raise
-        _failed.add(fn)
-        warnings.warn(f"model.fused_layer: torch.compile failed ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); running {fn.__name__} eagerly")
-        return fn(x, *args, **kwargs)
-
-
 class FusedTransformerLayer(TransformerLayer):
     """megatron-core's TransformerLayer whose forward takes the fused path where it applies."""
 
@@ -206,7 +176,7 @@ class FusedTransformerLayer(TransformerLayer):
 
     def use_fused(self, hidden_states: torch.Tensor, kwargs: dict) -> bool:
         """Take the fused path for this call? (mode, layer support, and arguments it models)"""
-        if self.fused_why_not is not None or any(kwargs.get(name) is not None for name in _PLAIN_IF_SET):
+        if self.fused_why_not is not None or any(kwargs.get(name) is not None for name in PLAIN_IF_SET):
             return False
         return self.fused_layer == "on" or hidden_states.is_cuda
 
@@ -214,5 +184,5 @@ class FusedTransformerLayer(TransformerLayer):
         if args or not self.use_fused(hidden_states, kwargs):
             return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
         out = run(block, self.fused_layer, hidden_states, layer_params(self),
-                  rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self))
+                  rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self), option="model.fused_layer")
         return out, None

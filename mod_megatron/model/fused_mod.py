@@ -15,14 +15,10 @@ weight / (S*B), predictor on detached inputs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mod_megatron.model.fused_layer import block
-from mod_megatron.model.router import router_weight
-
-
-def _bce_sum(logits, target):
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+from mod_megatron.model.predictor import bce_sum, predictor_logits
+from mod_megatron.model.router import gather_positions, topk_membership, topk_route
 
 
 class _GatherRows(torch.autograd.Function):
@@ -47,45 +43,34 @@ class _GatherRows(torch.autograd.Function):
         return out.view(s, b, h), None
 
 
-def _gather_rows(table, index):
-    """[S, 1, 1, d] per-position rotary table (cos or sin) -> [k, B, 1, d] at the routed positions."""
-    k, b = index.shape
-    return table[:, 0, 0, :].index_select(0, index.reshape(-1)).view(k, b, 1, table.shape[-1])
-
-
 def routed_forward(x, router_w, pred_params, params, rope, meta: tuple, routing: tuple):
     """One MoD layer on x [S, B, H] with top-k routing.
 
     router_w: [H]; pred_params: (fc1 weight, fc1 bias, fc2 weight, fc2 bias) or None; params/rope/meta:
-    the TransformerLayer's (model/fused_layer.py), rope's tables per position [S, 1, 1, d]; routing: (k, router weight kind, router aux weight,
+    the TransformerLayer's (model/fused_layer.py), rope's tables per position [S, 1, 1, d]; routing: (capacity, router weight kind, router aux weight,
     predictor aux weight, run the predictor?) with a weight of 0 meaning "no such loss".
     Returns (output [S,B,H], aux loss or None, index [k,B], router weight [k,B], logits [S,B],
     predictor logits [S,B] or None); all but the output and the loss are detached.
     """
-    k, weight_kind, router_loss_w, pred_loss_w, run_predictor = routing
+    capacity, weight_kind, router_loss_w, pred_loss_w, run_predictor = routing
     s, b, h = x.shape
     logits = (x.float() * router_w.float()).sum(-1)  # [S, B], fp32, one read of x
-    if k == s:
-        index = torch.arange(s, device=x.device).unsqueeze(1).expand(s, b)
-    else:
-        index = torch.sort(torch.topk(logits.detach(), k, dim=0, sorted=False).indices, dim=0).values
-    r = router_weight(torch.gather(logits, 0, index), weight_kind)
-    rows = index.unsqueeze(-1).expand(k, b, h)
+    chosen = topk_route(logits, capacity, weight_kind)
+    index, r = chosen.index, chosen.weight
+    rows = index.unsqueeze(-1).expand(*index.shape, h)
     xr = _GatherRows.apply(x, index)
-    y = block(xr, params, rope and tuple(_gather_rows(t, index) for t in rope), meta)
+    y = block(xr, params, rope and gather_positions(rope, index), meta)
     out = x.scatter(0, rows, xr + r.unsqueeze(-1).to(y.dtype) * (y - xr))
 
     loss, pred = None, None
     if router_loss_w > 0 or pred_loss_w > 0:
-        target = torch.zeros(s, b, device=x.device).scatter(0, index, 1.0)
+        target = topk_membership(index, s)
     if router_loss_w > 0:
-        loss = _bce_sum(logits, target) * (router_loss_w / (s * b))
+        loss = bce_sum(logits, target) * (router_loss_w / (s * b))
     if run_predictor:
-        w1, b1, w2, b2 = pred_params
-        xd = x.detach().to(w1.dtype)
-        pred = F.linear(F.gelu(F.linear(xd, w1, b1)), w2, b2).squeeze(-1).float()
+        pred = predictor_logits(x, *pred_params)
         if pred_loss_w > 0:
-            term = _bce_sum(pred, target) * (pred_loss_w / (s * b))
+            term = bce_sum(pred, target) * (pred_loss_w / (s * b))
             loss = term if loss is None else loss + term
         pred = pred.detach()
     return out, loss, index, r.detach(), logits.detach(), pred

@@ -23,10 +23,12 @@ import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from mod_megatron.kernels.routing import combine_tokens, gather_tokens, use_fused
-from mod_megatron.model.fused_layer import FusedTransformerLayer, layer_meta, layer_params, rope_tables, run
+from mod_megatron.model.compiled import run
+from mod_megatron.model.fused_layer import FusedTransformerLayer, layer_meta, layer_params, rope_tables
 from mod_megatron.model.fused_mod import routed_forward
 from mod_megatron.model.predictor import Predictor, attach_aux_loss, aux_stats, bce_sum, install_aux_loss_scale
-from mod_megatron.model.router import Router, Routing, capacity_tokens, causal_route, topk_membership, topk_route
+from mod_megatron.model.router import (Router, Routing, causal_route, gather_positions,
+                                      topk_membership, topk_route)
 
 install_aux_loss_scale()  # megatron's schedules then scale the aux losses like the LM loss
 ROUTING_MODES = ("topk", "causal-router", "causal-predictor")
@@ -138,7 +140,7 @@ class MoDTransformerLayer(FusedTransformerLayer):
             index_rope = index
         routed = gather_tokens(source, index, fused)  # [k, B, H], original order kept
         if rotary_pos_emb is not None:
-            rotary_pos_emb = _gather_rotary(rotary_pos_emb, index_rope)
+            rotary_pos_emb = gather_positions(rotary_pos_emb, index_rope)
 
         out, context = self.transformer_block(routed, rotary_pos_emb, **kwargs)
         # routed + r * (out - routed) written back at `index`; skipped tokens unchanged
@@ -149,23 +151,25 @@ class MoDTransformerLayer(FusedTransformerLayer):
 
     def _fused_forward(self, hidden_states: torch.Tensor, rotary_pos_emb) -> torch.Tensor:
         """The top-k forward as one (compiled) function: the same outputs, losses and diagnostics."""
-        training = self.training and torch.is_grad_enabled()
-        router_w = self.aux_loss_weight if training else 0.0
-        pred_w = self.predictor_loss_weight if training and self.predictor is not None else 0.0
-        run_predictor = self.predictor is not None and (pred_w > 0 or not training)
-        pred_params = None
-        if self.predictor is not None:
-            p = self.predictor
-            pred_params = (p.fc1.weight, p.fc1.bias, p.fc2.weight, p.fc2.bias)
-        seq_len, batch = hidden_states.shape[:2]
-        routing = (capacity_tokens(seq_len, self.capacity), self.router_weight_kind, router_w, pred_w, run_predictor)
+        pred_params = None if self.predictor is None else self.predictor.weights()
+        seq_len = hidden_states.shape[0]
+        routing = (self.capacity, self.router_weight_kind, *self._aux_weights())
         output, loss, index, weight, logits, pred = run(
             routed_forward, self.fused_layer, hidden_states, self.router.weight, pred_params, layer_params(self),
-            rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self), routing)
+            rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self), routing, option="model.fused_layer")
         self.last_routing = Routing(index=index, weight=weight, logits=logits)
         self._aux_inputs = {"logits": logits, "index": index, "seq_len": seq_len, "first": 0, "pred": pred}
         self._aux_stats = None
         return output if loss is None else attach_aux_loss(output, loss)
+
+    def _aux_weights(self) -> tuple:
+        """(router BCE weight, predictor BCE weight, run the predictor?) for this forward. A weight is 0 when
+        that loss is off (switched off, or not training); in evaluation the predictor still runs, for the
+        diagnostics."""
+        training = self.training and torch.is_grad_enabled()
+        router_w = self.aux_loss_weight if training else 0.0
+        pred_w = self.predictor_loss_weight if training and self.predictor is not None else 0.0
+        return router_w, pred_w, self.predictor is not None and (pred_w > 0 or not training)
 
     def _with_aux_losses(self, output: torch.Tensor, hidden_states: torch.Tensor, routing: Routing,
                          sp: bool = False) -> torch.Tensor:
@@ -187,22 +191,20 @@ class MoDTransformerLayer(FusedTransformerLayer):
 
             first = ps.get_tensor_model_parallel_rank() * hidden_states.shape[0]
             logits = routing.local_logits
-        training = self.training and torch.is_grad_enabled()
-        train_router = training and self.aux_loss_weight > 0
-        train_predictor = training and self.predictor is not None and self.predictor_loss_weight > 0
-        target = topk_membership(routing.index, seq_len) if train_router or train_predictor else None
+        router_w, pred_w, run_predictor = self._aux_weights()
+        target = topk_membership(routing.index, seq_len) if router_w > 0 or pred_w > 0 else None
         loss = pred = None
-        if train_router:
-            loss = bce_sum(logits, target[first:first + logits.shape[0]]) * (self.aux_loss_weight / norm)
-        if self.predictor is not None and (train_predictor or not training):
+        if router_w > 0:
+            loss = bce_sum(logits, target[first:first + logits.shape[0]]) * (router_w / norm)
+        if run_predictor:
             pred_input = hidden_states
             if sp:
                 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
                 pred_input = gather_from_sequence_parallel_region(hidden_states.detach(), False)
             pred = self.predictor(pred_input)
-            if train_predictor:
-                term = bce_sum(pred, target) * (self.predictor_loss_weight / norm)
+            if pred_w > 0:
+                term = bce_sum(pred, target) * (pred_w / norm)
                 loss = term if loss is None else loss + term
         self._aux_inputs = {"logits": logits.detach(), "index": routing.index, "seq_len": seq_len, "first": first,
                             "pred": None if pred is None else pred.detach()}
@@ -215,15 +217,6 @@ class MoDTransformerLayer(FusedTransformerLayer):
         if self.routing_mode != "topk":  # the routed count varies per batch: megatron's path, no per-shape compile
             return TransformerLayer.forward(self, hidden_states=hidden_states, rotary_pos_emb=rotary_pos_emb, **kwargs)
         return super().forward(hidden_states=hidden_states, rotary_pos_emb=rotary_pos_emb, **kwargs)
-
-
-def _gather_rotary(rotary_pos_emb, index: torch.Tensor):
-    """Pick each routed token's rotary frequencies at its original position: [S,1,1,d] -> [k,B,1,d]."""
-    if isinstance(rotary_pos_emb, tuple):
-        return tuple(_gather_rotary(r, index) for r in rotary_pos_emb)
-    freqs = rotary_pos_emb[:, 0, 0, :]  # [S, d]
-    k, b = index.shape
-    return freqs.index_select(0, index.reshape(-1)).view(k, b, 1, freqs.shape[-1])
 
 
 def mod_layers(chunks) -> list:

@@ -30,10 +30,18 @@ class Predictor(torch.nn.Module):
         self.fc1 = torch.nn.Linear(hidden_size, inner, device=device, dtype=dtype)
         self.fc2 = torch.nn.Linear(inner, 1, device=device, dtype=dtype)
 
+    def weights(self) -> tuple:
+        """(fc1 weight, fc1 bias, fc2 weight, fc2 bias), as `predictor_logits` takes them."""
+        return self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[S, B, H] -> logits [S, B] in fp32; no gradient flows back into `hidden_states`."""
-        x = hidden_states.detach().to(self.fc1.weight.dtype)
-        return self.fc2(F.gelu(self.fc1(x))).squeeze(-1).float()
+        return predictor_logits(hidden_states, *self.weights())
+
+
+def predictor_logits(hidden_states: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """The predictor MLP: [S, B, H] -> logits [S, B] in fp32; no gradient flows back into `hidden_states`."""
+    x = hidden_states.detach().to(w1.dtype)
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2).squeeze(-1).float()
 
 
 def bce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,9 @@ function of (query, key, freqs) that `torch.compile` fuses on CUDA, forward and 
 """
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
+
+from mod_megatron.model.compiled import run
 
 FUSED_ROPE_MODES = ("auto", "on", "off")
 
@@ -40,32 +39,15 @@ def rotate_pair(query, key, q_freqs, k_freqs):
     return rotate(query, q_freqs), rotate(key, k_freqs)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled():
-    return torch.compile(rotate_pair, dynamic=None)
-
-
-_failed = False
-
-
 def apply_rope(query: torch.Tensor, key: torch.Tensor, q_freqs, k_freqs, mode: str = "auto"):
     """Rotate query and key ([s,b,heads,d]) by their frequencies ([s,1|b,1,rot]); either freqs may be None."""
-    global _failed
     if mode not in FUSED_ROPE_MODES:
         raise ValueError(f"unknown fused_rope mode {mode!r}; choose from {', '.join(FUSED_ROPE_MODES)}")
     if q_freqs is None or k_freqs is None:  # one side only: nothing to fuse
         return (query if q_freqs is None else rotate(query, q_freqs)), (key if k_freqs is None else rotate(key, k_freqs))
-    fused = mode == "on" or (mode == "auto" and query.is_cuda and not _failed)
     if mode == "on" and not query.is_cuda:
         raise RuntimeError("model.fused_rope=on needs CUDA tensors; use --model.fused_rope=auto or off")
-    if not fused:
+    if mode == "off":
         return rotate_pair(query, key, q_freqs, k_freqs)
-    try:
-        return _compiled()(query, key, q_freqs, k_freqs)
-    except Exception as e:  # e.g. no working compiler toolchain: keep training, unfused
-        if mode == "on":
-            raise
-        _failed = True
-        warnings.warn(f"model.fused_rope: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                      "using the unfused RoPE")
-        return rotate_pair(query, key, q_freqs, k_freqs)
+    # dynamic=None: torch.compile's default (shapes become dynamic after a recompile)
+    return run(rotate_pair, mode, query, key, q_freqs, k_freqs, option="model.fused_rope", dynamic=None)

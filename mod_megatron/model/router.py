@@ -63,6 +63,16 @@ def topk_membership(index: torch.Tensor, seq_len: int) -> torch.Tensor:
     return target.scatter(0, index, 1.0)
 
 
+def gather_positions(table, index: torch.Tensor):
+    """Each routed token's row of a per-position table (rotary frequencies, or their cos/sin) at its
+    original position: [S,1,1,d] -> [k,B,1,d] for index [k,B]; a tuple of tables gives a tuple."""
+    if isinstance(table, tuple):
+        return tuple(gather_positions(t, index) for t in table)
+    rows = table[:, 0, 0, :]  # [S, d]
+    k, b = index.shape
+    return rows.index_select(0, index.reshape(-1)).view(k, b, 1, rows.shape[-1])
+
+
 def causal_route(logits: torch.Tensor, decide: torch.Tensor, weight_kind: str) -> Routing:
     """Per-token routing for sampling: a token is routed iff `decide` [S, B] is True.
 

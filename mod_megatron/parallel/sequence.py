@@ -43,7 +43,7 @@ def padded_capacity(k: int, tp: int) -> int:
 
 def sequence_parallel_forward(layer, hidden_states: torch.Tensor, rotary_pos_emb=None, **kwargs):
     """MoDTransformerLayer.forward when `hidden_states` is this TP rank's slice [S/tp, B, H]."""
-    from mod_megatron.model.mod_layer import _gather_rotary
+    from mod_megatron.model.router import gather_positions
 
     group = ps.get_tensor_model_parallel_group()
     tp, rank = group.size(), group.rank()
@@ -69,7 +69,7 @@ def sequence_parallel_forward(layer, hidden_states: torch.Tensor, rotary_pos_emb
 
     # 3. the TransformerLayer on this rank's slice of the routed tokens.
     if rotary_pos_emb is not None:
-        rotary_pos_emb = _gather_rotary(rotary_pos_emb, _pad_rows(index, k_pad, repeat_last=True))
+        rotary_pos_emb = gather_positions(rotary_pos_emb, _pad_rows(index, k_pad, repeat_last=True))
     out, context = layer.transformer_block(routed, rotary_pos_emb, **kwargs)
 
     # 4. combine: every rank gets f for all kept tokens and updates the ones it owns.

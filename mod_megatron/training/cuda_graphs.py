@@ -28,11 +28,12 @@ from typing import Optional
 
 import torch
 
-# Arguments a TransformerLayer forward may get that the graph does not carry: any of them not None
-# (or a hidden state that needs no grad) sends that call down the eager path.
-_EAGER_IF_SET = ("attention_mask", "context", "context_mask", "rotary_pos_cos", "rotary_pos_sin",
-                 "rotary_pos_cos_sin", "attention_bias", "inference_context", "packed_seq_params",
-                 "sequence_len_offset", "padding_mask")
+from mod_megatron.model.fused_layer import PLAIN_IF_SET
+
+# Arguments a TransformerLayer forward may get that the graph does not carry (those the fused layer does not
+# model, and the attention mask): any of them not None (or a hidden state that needs no grad) sends that call
+# down the eager path.
+_EAGER_IF_SET = ("attention_mask", *PLAIN_IF_SET)
 
 
 def unsupported(cfg) -> Optional[str]:
