@@ -201,3 +201,32 @@ def test_fused_cross_entropy_only_for_gpu_training_with_fused_layers(monkeypatch
     assert tcfg.cross_entropy_loss_fusion is fused and tcfg.cross_entropy_fusion_impl == "native"
     monkeypatch.setattr(platform, "cuda_available", lambda: False)
     assert transformer_config(load_config(None, TINY + extra)).cross_entropy_loss_fusion is False
+
+
+@cpu_only
+def test_fused_functions_trace_as_one_graph_each(build_gpt, monkeypatch):
+    """dynamo + AOTAutograd (the `aot_eager` backend: no compiler needed) trace the dense layer and the whole
+    routed MoD forward, backward included, without a graph break, and give the eager functions' results."""
+    from mod_megatron.model import fused_layer, mod_layer
+
+    tokens = torch.randint(0, 100, (2, 33), generator=torch.Generator().manual_seed(0))
+    traced = {}
+
+    def run_traced(fn, mode, x, *args, option, dynamic=False):
+        if fn not in traced:
+            traced[fn] = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+        return traced[fn](x, *args)
+
+    results = []
+    for trace in (False, True):
+        if trace:
+            monkeypatch.setattr(fused_layer, "run", run_traced)
+            monkeypatch.setattr(mod_layer, "run", run_traced)
+        _, model = build_gpt("--model.fused_layer=on", "--mod.router_init_std=0.5", seed=0)
+        loss = model(tokens[:, :-1], torch.arange(32).expand(2, 32), None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert {f.__name__ for f in traced} == {"block", "routed_forward"}
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
