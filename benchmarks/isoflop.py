@@ -72,6 +72,8 @@ def parse_args(argv):
     p.add_argument("--warmup-frac", type=float, default=0.05, help="warm-up steps as a share of each run's steps")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--eval-iters", type=int, default=10, help="eval batches per split (training's and mod-eval's)")
+    p.add_argument("--eval-points", type=int, default=10,
+                   help="evaluations (valid and held-out, top-k) during each run, evenly spaced; 0: only at the end")
     p.add_argument("--match", choices=["total", "step"], default="total",
                    help="total: same shapes, MoD trains more steps; step: a deeper MoD with dense's FLOPs per step")
     p.add_argument("--cuda-graphs", action="store_true", help="train with --train.cuda_graphs=true (GPU)")
@@ -81,11 +83,13 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.smoke:
         args.layers, args.hidden, args.heads, args.seq_length, args.batch = 2, 32, 2, 32, 4
-        args.lr, args.min_lr, args.eval_iters = 3e-3, 3e-4, 1
+        args.lr, args.min_lr, args.eval_iters, args.eval_points = 3e-3, 3e-4, 1, 2
     try:
         args.budget_list = [float(b) for b in args.budgets.split(",")] if not args.smoke else None
     except ValueError:
         p.error(f"--budgets: expected comma-separated numbers of FLOPs, e.g. 4e15,1.2e16, got {args.budgets!r}")
+    if args.eval_points < 0:
+        p.error("--eval-points must be >= 0")
     if args.budget_list is not None and (not args.budget_list or min(args.budget_list) <= 0):
         p.error("--budgets must be positive numbers of FLOPs")
     args.device_list = args.devices.split(",")
@@ -152,7 +156,7 @@ def common_overrides(args, paths) -> list:
          f"--model.vocab_size={paths['vocab_size']}",
          f"--train.micro_batch_size={args.batch}", f"--train.global_batch_size={args.batch}",
          f"--train.lr={args.lr}", f"--train.min_lr={args.min_lr}", f"--train.seed={args.seed}",
-         "--train.eval_interval=0", f"--train.eval_iters={args.eval_iters}",
+         f"--train.eval_iters={args.eval_iters}",
          "--data.corpus=custom", f"--data.tokenizer_model={os.path.abspath(paths['tokenizer_model'])}",
          "--checkpoint.save_interval=0", "--checkpoint.load=false", "--checkpoint.keep_last=1",
          "--logging.progress_bar=false", "--logging.tensorboard=false"]
@@ -201,6 +205,7 @@ def plan(args, paths) -> list:
                 f"--data.train_prefix={os.path.abspath(data['train_prefix'])}",
                 f"--data.heldout_prefix={os.path.abspath(data['heldout_prefix'])}",
                 f"--logging.log_interval={max(1, iters // 25)}",
+                f"--train.eval_interval={math.ceil(iters / args.eval_points) if args.eval_points else 0}",
                 f"--logging.dir={os.path.abspath(run_dir)}",
                 f"--checkpoint.dir={os.path.abspath(os.path.join(run_dir, 'checkpoints'))}"]
             layers = int(extra[model][0].split("=")[1]) if extra[model] else args.layers
@@ -237,6 +242,14 @@ def parse_curve(log_path) -> list:
 
     with open(log_path, errors="replace") as f:
         return [(it, loss) for it, loss in step_losses(f.read()) if math.isfinite(loss)]
+
+
+def parse_eval_curve(log_path) -> list:
+    """[(iteration, valid loss, held-out loss)] of mod-train's evaluations (top-k routing), finite ones only."""
+    from mod_megatron.training.logger import eval_losses
+
+    with open(log_path, errors="replace") as f:
+        return [list(e) for e in eval_losses(f.read()) if all(map(math.isfinite, e[1:]))]
 
 
 def parse_eval(log_path) -> dict:
@@ -290,6 +303,7 @@ def run_job(job, env, log_dir) -> dict:
     cmd = [sys.executable, "-m", "mod_megatron.training.cli", "--config", job["config"], *job["overrides"]]
     rc, res["train_wall_s"] = run_logged(cmd, train_log, env)
     res["curve"] = parse_curve(train_log)
+    res["eval_curve"] = parse_eval_curve(train_log)
     if rc != 0:
         res["error"] = f"mod-train exited with {rc}: {last_error(train_log)} (log: {train_log})"
         return res
@@ -371,21 +385,28 @@ LEGEND = ("wall s: the whole mod-train subprocess (start-up, training, final eva
 
 
 def time_to_dense_loss(rows) -> list[str]:
-    """Per budget: when MoD's logged training loss first reached the dense run's final one, in steps and in
-    steady-state training seconds (step x tokens per step / tokens/s), against the dense run's own time."""
+    """Per budget and loss: when MoD first reached the dense run's final value, in steps and in steady-state
+    training seconds (step x tokens per step / tokens/s), against the dense run's own time. The training loss
+    comes from the logged steps ("curve"); valid and held-out from the evaluations during training
+    ("eval_curve", top-k routing), where both runs have them."""
     lines = []
     for b in sorted({r["budget_index"] for r in rows}):
         pair = {r["model"]: r for r in rows if r["budget_index"] == b and r.get("curve") and r.get("tokens_per_s")}
         if set(pair) != set(MODELS):
             continue
         dense, mod = pair["dense"], pair["mod"]
-        target = dense["curve"][-1][1]
         seconds = lambda r, steps: steps * r["tokens"] / r["iters"] / r["tokens_per_s"]  # noqa: E731
-        step = next((it for it, loss in mod["curve"] if loss <= target), None)
-        reached = (f"MoD reached it at step {step} of {mod['iters']}, {seconds(mod, step):.1f} s" if step is not None
-                   else f"MoD did not reach it in its {mod['iters']} steps")
-        lines.append(f"budget {dense['budget']:.2e}: dense final train loss {target:.4f} after "
-                     f"{seconds(dense, dense['iters']):.1f} s of training; {reached}")
+        series = [("train", "", lambda r: [(it, loss) for it, loss in r["curve"]])]
+        if dense.get("eval_curve") and mod.get("eval_curve"):
+            series += [(split, " (evaluated during training)", lambda r, i=i: [(e[0], e[i]) for e in r["eval_curve"]])
+                       for i, split in ((1, "valid"), (2, "held-out"))]
+        for what, note, points in series:
+            d_it, target = points(dense)[-1]
+            step = next((it for it, loss in points(mod) if loss <= target), None)
+            reached = (f"MoD reached it at step {step} of {mod['iters']}, {seconds(mod, step):.1f} s"
+                       if step is not None else f"MoD did not reach it in its {mod['iters']} steps")
+            lines.append(f"budget {dense['budget']:.2e}: dense final {what} loss{note} {target:.4f} after "
+                         f"{seconds(dense, d_it):.1f} s of training; {reached}")
     return lines
 
 
@@ -397,7 +418,7 @@ def plot(rows, path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot (results.json has the numbers)"
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(17, 4.5))
     for model, color in zip(MODELS, ("tab:blue", "tab:red")):
         mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["total_flops"])
         for r in mine:
@@ -405,13 +426,19 @@ def plot(rows, path) -> str:
                 x = [it * r["flops_per_step"] for it, _ in r["curve"]]
                 left.plot(x, [loss for _, loss in r["curve"]], color=color, label=f"{model} b{r['budget_index']}",
                           linestyle="-" if r is mine[-1] else ":")
+            for i, split, style in ((1, "valid", "-"), (2, "held-out", "--")):
+                if r.get("eval_curve") and r is mine[-1]:
+                    mid.plot([e[0] * r["flops_per_step"] for e in r["eval_curve"]], [e[i] for e in r["eval_curve"]],
+                             style, marker=".", color=color, label=f"{model} b{r['budget_index']} {split}")
         done = [r for r in mine if "topk" in (r.get("eval") or {})]
         for split, style in (("valid", "o-"), ("heldout", "s--")):
             right.plot([r["total_flops"] for r in done], [r["eval"]["topk"][split] for r in done], style,
                        color=color, label=f"{model} {split} (top-k)")
     left.set(xscale="log", xlabel="training FLOPs", ylabel="train loss", title="training loss vs FLOPs")
+    mid.set(xscale="log", xlabel="training FLOPs", ylabel="loss (top-k)",
+            title="valid and held-out during training (largest budget)")
     right.set(xscale="log", xlabel="total training FLOPs (budget)", ylabel="loss", title="final loss vs budget")
-    for ax in (left, right):
+    for ax in (left, mid, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -13,9 +13,18 @@ from typing import Optional
 STEP_LINE = re.compile(r"iter\s+(\d+)/\d+ \| loss (\S+) \|")
 
 
+# The evaluation line Trainer._eval_and_log prints ("eval     100 | valid 4.1 (ppl 60.3) | held-out 5.2 (...)").
+EVAL_LINE = re.compile(r"eval\s+(\d+) \| valid (\S+) \(ppl [^)]*\) \| held-out (\S+) ")
+
+
 def step_losses(text: str) -> list[tuple[int, float]]:
     """[(iteration, training loss)] of every step line in mod-train's output, in order (nan/inf kept)."""
     return [(int(m.group(1)), float(m.group(2))) for m in STEP_LINE.finditer(text)]
+
+
+def eval_losses(text: str) -> list[tuple[int, float, float]]:
+    """[(iteration, valid loss, held-out loss)] of every evaluation line in mod-train's output, in order."""
+    return [(int(m.group(1)), float(m.group(2)), float(m.group(3))) for m in EVAL_LINE.finditer(text)]
 
 
 class RunLogger:

@@ -31,6 +31,9 @@ def test_smoke_writes_results_and_table(tmp_path, prepared):
         assert r["curve"][-1][0] == r["iters"] and r["params"] > 0
         assert set(r["eval"]["topk"]) == {"valid", "heldout"}
         assert abs(r["eval"]["topk"]["valid"] - r["valid_loss"]) < 1e-3  # mod-eval agrees with training's eval
+        # --eval-points 2 (smoke): one evaluation during training, one at the end, both splits
+        assert len(r["eval_curve"]) == 2 and r["eval_curve"][-1][0] == r["iters"]
+        assert r["eval_curve"][-1][1:] == [round(r["valid_loss"], 4), round(r["heldout_loss"], 4)]
     for b in ("b1", "b2"):
         dense, mod = by[f"{b}-dense"], by[f"{b}-mod"]
         assert mod["flops_per_step"] < dense["flops_per_step"] and mod["iters"] >= dense["iters"]
@@ -80,6 +83,24 @@ def test_time_to_dense_loss_reads_the_curves():
     rows[1]["curve"] = [[200, 3.1]]
     assert time_to_dense_loss(rows)[0].endswith("; MoD did not reach it in its 200 steps")
     assert time_to_dense_loss(rows[:1]) == []  # no MoD run for the budget: nothing to compare
+
+
+def test_time_to_dense_loss_reads_the_evaluations():
+    from benchmarks.isoflop import time_to_dense_loss
+
+    rows = [{"model": "dense", "budget_index": 1, "budget": 4e15, "iters": 100, "curve": [[100, 3.0]],
+             "eval_curve": [[50, 4.0, 6.0], [100, 3.2, 5.0]], "tokens": 100_000, "tokens_per_s": 10_000},
+            {"model": "mod", "budget_index": 1, "budget": 4e15, "iters": 200, "curve": [[200, 2.5]],
+             "eval_curve": [[100, 3.1, 5.5], [150, 3.0, 5.1], [200, 2.9, 5.2]], "tokens": 200_000,
+             "tokens_per_s": 20_000}]
+    train, valid, heldout = time_to_dense_loss(rows)
+    assert train.endswith("MoD reached it at step 200 of 200, 10.0 s")
+    assert valid == ("budget 4.00e+15: dense final valid loss (evaluated during training) 3.2000 after 10.0 s "
+                     "of training; MoD reached it at step 100 of 200, 5.0 s")
+    assert heldout.startswith("budget 4.00e+15: dense final held-out loss (evaluated during training) 5.0000")
+    assert heldout.endswith("MoD did not reach it in its 200 steps")  # 5.1 at best: never <= 5.0
+    del rows[0]["eval_curve"]
+    assert len(time_to_dense_loss(rows)) == 1  # only the training loss where a run has no evaluations
 
 
 def test_report_reprints_a_stored_run():
