@@ -127,6 +127,7 @@ class TrainConfig:
     max_skipped_steps: int = 10  # skip policy: stop after this many consecutive skipped steps
     dist_timeout_minutes: float = 10.0  # a collective waiting longer (dead or hung rank) fails the job
     cuda_graphs: bool = False  # capture each layer's fwd+bwd once and replay it (GPU; training/cuda_graphs.py)
+    fused_optimizer: str = "auto"  # torch's fused AdamW kernel: auto (on GPU) | on | off (training/fused_adam.py)
 
 
 @dataclass
@@ -367,6 +368,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
         why = unsupported(cfg)
         _check(why is None, why or "")
+    _check(t.fused_optimizer in ("auto", "on", "off"),
+           f"train.fused_optimizer must be auto, on or off, got {t.fused_optimizer!r}")
     _check(t.dist_timeout_minutes > 0, f"train.dist_timeout_minutes must be > 0, got {t.dist_timeout_minutes}")
     _check(cfg.data.corpus in ("default", "custom"), f"data.corpus must be default or custom, got {cfg.data.corpus!r}")
     if cfg.data.corpus == "custom":

@@ -107,6 +107,9 @@ def apply() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     _run_as_if_on_cuda(DistributedOptimizer, "__init__")
+    # DistributedOptimizer.get_parameter_state_dp_zero (saving its state in the 'fully_reshardable' form,
+    # training/checkpoint.py) moves each local shard with `send_tensor.cuda()` before gathering it.
+    _run_as_if_on_cuda(DistributedOptimizer, "get_parameter_state_dp_zero")
 
 
 def moe_without_te() -> None:
@@ -117,6 +120,33 @@ def moe_without_te() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def distributed_optimizer_with_torch_adam() -> None:
+    """optimizer.distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states (loading the
+    'fully_reshardable' checkpoint form, training/checkpoint.py) copies the checkpoint's tensors onto
+    `{"param", **optimizer.state[p]}`. torch's AdamW (megatron's optimizer without apex or TE) keeps a
+    `step` in that state, which megatron restores separately from the param groups and leaves out of the
+    tensors, so the copy fails with KeyError 'step'. Keep the restored `step` as it is. Needed on GPU too,
+    so not in apply(); a no-op where apex or TE provide the optimizer (no `step` in their state)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_keeps_step", False):
+        return
+
+    @functools.wraps(original)
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = dict(tensors, step=step)  # copied onto itself: unchanged
+        return original(self, model_param, tensors)
+
+    set_states._keeps_step = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
 def _patch_moe_alltoall_for_cpu() -> None:

@@ -11,6 +11,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from mod_megatron import platform
 from mod_megatron.config import Config
 from mod_megatron.model.gpt import build_model, transformer_config
 from mod_megatron.training import cuda_graphs
@@ -85,7 +86,7 @@ def build_model_chunks(cfg: Config, device: torch.device, wrap_ddp: bool = True,
 
 
 def build_optimizer(cfg: Config, chunks, dtype: torch.dtype):
-    from mod_megatron.training import multi_tensor
+    from mod_megatron.training import fused_adam, multi_tensor
 
     multi_tensor.install()  # foreach grad-norm/scale kernels where megatron fell back to per-tensor loops
     t = cfg.train
@@ -102,7 +103,10 @@ def build_optimizer(cfg: Config, chunks, dtype: torch.dtype):
         params_dtype=dtype,
         use_distributed_optimizer=t.distributed_optimizer,
     )
+    if t.distributed_optimizer:
+        platform.distributed_optimizer_with_torch_adam()
     optimizer = get_megatron_optimizer(ocfg, chunks)
+    fused_adam.apply(optimizer, t.fused_optimizer)  # torch's fused AdamW kernel (on GPU by default)
     return optimizer, build_scheduler(cfg, optimizer)
 
 

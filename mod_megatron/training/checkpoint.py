@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mod_megatron.data.common import sha256_file
+from mod_megatron.training import fused_adam
 
 TRACKER = "latest"
 META = "mod_meta.json"
@@ -91,7 +92,11 @@ def sharded_state_dict(chunks, optimizer=None, is_loading: bool = False) -> dict
     """The sharded state of the model chunks (and optimizer) of this rank."""
     sd = {_model_key(i, len(chunks)): _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading)
+        # The distributed optimizer's state in the canonical per-parameter form (gathered on DP rank 0 when
+        # saving), so it reshards to any layout like the model; megatron-core's default for it,
+        # 'fully_sharded_model_space', cannot be saved by its own dist_checkpointing (flattened_range).
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     return sd
 
 
@@ -326,6 +331,8 @@ def load(ckpt_dir: str, chunks, optimizer=None, scheduler=None, load_rng: bool =
     from megatron.core import dist_checkpointing
 
     meta = read_meta(ckpt_dir)
+    if optimizer is not None:
+        fused_adam.ensure_state(optimizer)  # the distributed optimizer's template needs AdamW's `step`
     template = sharded_state_dict(chunks, optimizer, is_loading=True)
     if scheduler is not None:
         template["scheduler"] = None

@@ -31,21 +31,26 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def local_grads_finite(chunks) -> bool:
-    """Whether this rank's gradients (megatron DDP's contiguous grad buffers) are all finite."""
+def local_grads_finite(chunks) -> torch.Tensor:
+    """Whether this rank's gradients (megatron DDP's contiguous grad buffers) are all finite, as a 0-dim
+    bool tensor on their device: one max-abs pass per buffer (NaN and Inf propagate through it), no host
+    synchronisation here."""
+    maxes = []
     for chunk in chunks:
-        buffers = getattr(chunk, "buffers", None)
-        if buffers is not None:
+        buffers = getattr(chunk, "buffers", None)  # megatron DDP's list (a plain nn.Module's is a method)
+        if isinstance(buffers, (list, tuple)):
             grads = [b.grad_data for b in list(buffers) + list(getattr(chunk, "expert_parallel_buffers", []))]
         else:
             grads = [p.grad for p in chunk.parameters() if p.grad is not None]
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
-            return False
-    return True
+        maxes += [torch.linalg.vector_norm(g, ord=float("inf")).float() for g in grads if g.numel()]
+    if not maxes:
+        return torch.tensor(True)
+    return torch.isfinite(torch.stack(maxes)).all()
 
 
-def all_ranks_finite(ok: bool, device: torch.device) -> bool:
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+def all_ranks_finite(ok, device: torch.device) -> bool:
+    """`ok` (a bool or a bool tensor) on every rank: one all-reduce and one host synchronisation."""
+    flag = (~torch.as_tensor(ok, device=device)).float().reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0

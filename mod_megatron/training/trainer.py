@@ -26,6 +26,7 @@ from mod_megatron.model.mod_layer import MoDTransformerLayer, set_capacity
 from mod_megatron.model.predictor import aux_scalars
 from mod_megatron.model.router import capacity_at
 from mod_megatron.training import checkpoint as ckpt
+from mod_megatron.training import fused_adam
 from mod_megatron.training import numerics
 from mod_megatron.training.builder import build_model_chunks, build_optimizer, param_dtype
 from mod_megatron.training.distributed import Layout
@@ -118,6 +119,8 @@ class Trainer:
         """Model chunks (megatron DDP), optimizer and LR schedule; other engines override this."""
         self.chunks, self.tcfg = build_model_chunks(self.cfg, self.device, pipeline_layout=pipeline_layout)
         self.optimizer, self.scheduler = build_optimizer(self.cfg, self.chunks, self.dtype)
+        fused = any(g.get("fused") for o in fused_adam.torch_optimizers(self.optimizer) for g in o.param_groups)
+        self.optimizer_note = f"optimizer: AdamW, torch's {'fused' if fused else 'foreach'} kernel"
 
     # ------------------------------------------------------------------ preemption
     def _on_signal(self, signum, frame) -> None:
@@ -174,7 +177,9 @@ class Trainer:
             self.optimizer.reload_model_params()
             self.scheduler.step(increment=meta["iteration"])
             return meta
-        return ckpt.load(path, self.chunks, self.optimizer, self.scheduler)
+        meta = ckpt.load(path, self.chunks, self.optimizer, self.scheduler)
+        fused_adam.apply(self.optimizer, self.cfg.train.fused_optimizer)  # `step` where the kernel needs it
+        return meta
 
     def save(self) -> str:
         meta = dict(self.meta, config=self.cfg.to_dict(), consumed_samples=self.consumed_samples,
@@ -223,8 +228,10 @@ class Trainer:
                 micro_batch_size=t.micro_batch_size, forward_only=False)
             loss = self._reduce_loss(reduced)
             # Checked before optimizer.step(): a NaN/Inf update could not be undone (numerics.py).
-            if not numerics.all_ranks_finite((loss is None or math.isfinite(loss))
-                                             and numerics.local_grads_finite(self.chunks), self.device):
+            finite = numerics.local_grads_finite(self.chunks)
+            if loss is not None and not math.isfinite(loss):
+                finite = False
+            if not numerics.all_ranks_finite(finite, self.device):
                 where = numerics.locate(self.chunks, getattr(rec, "batches", None), self.device, self.layout.pp)
                 return {"loss": loss, "grad_norm": None, "skipped": True, "nonfinite": where}
         ok, grad_norm, _ = self.optimizer.step()
@@ -282,6 +289,8 @@ class Trainer:
             self.log.info(f"resumed from {self.resumed_from} at iteration {self.iteration}")
         elif self.initialised_from:
             self.log.info(f"initialised weights from {self.initialised_from}")
+        if getattr(self, "optimizer_note", None):  # megatron engine (DeepSpeed brings its own optimizer)
+            self.log.info(self.optimizer_note)
         it = self._iterators("train", self.consumed_samples)
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
         window_t0, window_steps = time.time(), 0
