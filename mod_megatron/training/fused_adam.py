@@ -30,8 +30,11 @@ def torch_optimizers(optimizer) -> Iterator[torch.optim.Optimizer]:
     if isinstance(optimizer, torch.optim.Optimizer):
         yield optimizer
         return
-    for inner in getattr(optimizer, "chained_optimizers", None) or []:
-        yield from torch_optimizers(inner)
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained is not None:  # its `.optimizer` property asserts there is only one
+        for inner in chained:
+            yield from torch_optimizers(inner)
+        return
     inner = getattr(optimizer, "optimizer", None)
     if isinstance(inner, torch.optim.Optimizer):
         yield inner

@@ -16,9 +16,18 @@ from mod_megatron.training import fused_adam
 COMMON = ["--train.iters=8", "--train.eval_interval=0"]
 
 
-class Wrapper:  # the shape of megatron's optimizer wrappers: .optimizer, or .chained_optimizers
-    def __init__(self, optimizer=None, chained=None):
-        self.optimizer, self.chained_optimizers = optimizer, chained
+class Wrapper:  # the shape of megatron's mixed-precision / distributed optimizer: .optimizer
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+
+class Chained:  # megatron's ChainedOptimizer (e.g. dense + expert params): .chained_optimizers
+    def __init__(self, chained):
+        self.chained_optimizers = chained
+
+    @property
+    def optimizer(self):  # as megatron's: only valid with a single inner optimizer
+        raise AssertionError("ChainedOptimizer has more than one optimizer when accessing self.optimizer")
 
 
 def _adam(seed=0, **kw):
@@ -39,7 +48,7 @@ def test_apply_picks_the_kernel_and_puts_step_where_it_belongs():
     params, opt = _adam()
     _steps(params, opt, 2)
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
-    chained = Wrapper(chained=[Wrapper(opt), Wrapper(sgd)])
+    chained = Chained([Wrapper(opt), Wrapper(sgd)])
     assert list(fused_adam.torch_optimizers(chained)) == [opt, sgd]
     assert fused_adam.apply(chained, "auto") is False  # CPU parameters: auto keeps foreach
     assert all(g["fused"] is False for g in opt.param_groups) and sgd.param_groups[0].get("fused") is None  # untouched
