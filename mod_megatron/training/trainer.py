@@ -177,6 +177,13 @@ class Trainer:
             self.optimizer.reload_model_params()
             self.scheduler.step(increment=meta["iteration"])
             return meta
+        dist_opt = saved.get("config", {}).get("train", {}).get("distributed_optimizer")
+        if dist_opt is not None and bool(dist_opt) != self.cfg.train.distributed_optimizer:
+            # the two optimizers' states have different forms; megatron-core fails deep in its loader
+            raise ckpt.CheckpointError(
+                f"{path} holds {'distributed' if dist_opt else 'non-distributed'} optimizer state; resume with "
+                f"--train.distributed_optimizer={str(bool(dist_opt)).lower()}, or start a new run from its weights "
+                f"(fresh optimizer) with --checkpoint.init_from={path} and another checkpoint.dir")
         meta = ckpt.load(path, self.chunks, self.optimizer, self.scheduler)
         fused_adam.apply(self.optimizer, self.cfg.train.fused_optimizer)  # `step` where the kernel needs it
         return meta

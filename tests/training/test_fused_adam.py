@@ -163,3 +163,20 @@ shutdown()
     tail = straight["losses"][4:]
     assert max(abs(a - b) for a, b in zip(same["losses"], tail)) <= 2e-3, (same["losses"], tail)  # bf16
     assert max(abs(a - b) for a, b in zip(resumed["losses"], tail)) <= 2e-2, (resumed["losses"], tail)
+
+
+def test_distributed_optimizer_checkpoint_reshards_to_one_rank(tmp_path, prepared):
+    """The 'fully_reshardable' form: 2-rank distributed-optimizer state resumes on 1 rank and continues the
+    2-rank run (fp32 sums in another order: within 2e-4, as test_reshard_resume). Resuming it without the
+    distributed optimizer is refused with one line that names the fix."""
+    flags = [*COMMON, "--train.micro_batch_size=4", "--train.distributed_optimizer=true"]
+    straight = _losses(run_ranks(tmp_path, prepared, "straight", *flags))
+    run_ranks(tmp_path, prepared, "split", *flags, "--train.exit_interval=4")
+    refused = run_train(tmp_path, prepared, *COMMON, run="split", check=False)
+    assert refused.returncode != 0
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "--train.distributed_optimizer=true" in last, refused.stderr[-2000:]
+    resumed = _losses(run_ranks(tmp_path, prepared, "split", *COMMON, "--train.micro_batch_size=8",
+                                "--train.distributed_optimizer=true", nproc=1))
+    assert sorted(resumed) == list(range(1, 9))
+    assert max(abs(resumed[i] - straight[i]) for i in range(5, 9)) <= 2e-4
