@@ -25,6 +25,8 @@ the same data distribution but not the same sample order. The evaluation batches
 same time (CUDA_VISIBLE_DEVICES per subprocess); otherwise everything runs one job after the other.
 `--smoke` is a CPU check of the whole pipeline in about a minute: a tiny model on the default
 corpus (Shakespeare / KJV, vocab 4096) and two budgets of a few steps. `--dry-run` prints the plan.
+`--eval-points N` evaluates valid and held-out loss N times during each run (the curves go to results.json
+and the plot; the report says when MoD first reached each of the dense run's final losses).
 """
 from __future__ import annotations
 
