@@ -20,7 +20,7 @@ advance a step once per parameter that holds it (a resumed run's bias correction
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -40,12 +40,21 @@ def torch_optimizers(optimizer) -> Iterator[torch.optim.Optimizer]:
         yield inner
 
 
+def adam_optimizers(optimizer) -> Iterator[torch.optim.Adam]:
+    """The torch Adam/AdamW optimizers among them (torch's AdamW is an Adam; SGD etc. are left alone)."""
+    return (opt for opt in torch_optimizers(optimizer) if isinstance(opt, torch.optim.Adam))
+
+
+def kernel(optimizer) -> Optional[str]:
+    """The kernel its torch AdamW steps with, "fused" or "foreach"; None if it holds no torch AdamW."""
+    groups = [g for opt in adam_optimizers(optimizer) for g in opt.param_groups]
+    return ("fused" if any(g.get("fused") for g in groups) else "foreach") if groups else None
+
+
 def apply(optimizer, mode: str) -> bool:
     """Choose fused or foreach AdamW per `mode` (auto|on|off); True if any optimizer is fused."""
     any_fused = False
-    for opt in torch_optimizers(optimizer):
-        if not isinstance(opt, torch.optim.Adam):  # torch's AdamW is an Adam; SGD etc. stay as they are
-            continue
+    for opt in adam_optimizers(optimizer):
         params = [p for g in opt.param_groups for p in g["params"]]
         fused = bool(params) and (mode == "on" or (mode == "auto" and all(p.is_cuda for p in params)))
         for group in opt.param_groups:
@@ -68,9 +77,7 @@ def ensure_state(optimizer) -> None:
     megatron-core's distributed optimizer reads `step` from its state when it builds the template a
     checkpoint is loaded into, and fails on a fresh optimizer that has not stepped yet; a resume needs it.
     """
-    for opt in torch_optimizers(optimizer):
-        if not isinstance(opt, torch.optim.Adam):
-            continue
+    for opt in adam_optimizers(optimizer):
         for group in opt.param_groups:
             for p in group["params"]:
                 state = opt.state[p]

@@ -119,8 +119,6 @@ class Trainer:
         """Model chunks (megatron DDP), optimizer and LR schedule; other engines override this."""
         self.chunks, self.tcfg = build_model_chunks(self.cfg, self.device, pipeline_layout=pipeline_layout)
         self.optimizer, self.scheduler = build_optimizer(self.cfg, self.chunks, self.dtype)
-        fused = any(g.get("fused") for o in fused_adam.torch_optimizers(self.optimizer) for g in o.param_groups)
-        self.optimizer_note = f"optimizer: AdamW, torch's {'fused' if fused else 'foreach'} kernel"
 
     # ------------------------------------------------------------------ preemption
     def _on_signal(self, signum, frame) -> None:
@@ -296,8 +294,9 @@ class Trainer:
             self.log.info(f"resumed from {self.resumed_from} at iteration {self.iteration}")
         elif self.initialised_from:
             self.log.info(f"initialised weights from {self.initialised_from}")
-        if getattr(self, "optimizer_note", None):  # megatron engine (DeepSpeed brings its own optimizer)
-            self.log.info(self.optimizer_note)
+        kernel = fused_adam.kernel(self.optimizer) if self.ENGINE == "megatron" else None  # DeepSpeed: its own
+        if kernel:
+            self.log.info(f"optimizer: AdamW, torch's {kernel} kernel")
         it = self._iterators("train", self.consumed_samples)
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
         window_t0, window_steps = time.time(), 0

@@ -51,10 +51,11 @@ def test_apply_picks_the_kernel_and_puts_step_where_it_belongs():
     chained = Chained([Wrapper(opt), Wrapper(sgd)])
     assert list(fused_adam.torch_optimizers(chained)) == [opt, sgd]
     assert fused_adam.apply(chained, "auto") is False  # CPU parameters: auto keeps foreach
+    assert fused_adam.kernel(chained) == "foreach" and fused_adam.kernel(Wrapper(sgd)) is None
     assert all(g["fused"] is False for g in opt.param_groups) and sgd.param_groups[0].get("fused") is None  # untouched
     for p in params:  # a restored `step` may come back as a float64 tensor or a number
         opt.state[p]["step"] = torch.tensor(2.0, dtype=torch.float64) if p.numel() > 7 else 2
-    assert fused_adam.apply(chained, "on") is True
+    assert fused_adam.apply(chained, "on") is True and fused_adam.kernel(chained) == "fused"
     assert all(g["fused"] is True and g["foreach"] is False for g in opt.param_groups)
     assert all(opt.state[p]["step"].dtype == torch.float32 and opt.state[p]["step"].item() == 2.0 for p in params)
     assert fused_adam.apply(chained, "off") is False and all(g["foreach"] is None for g in opt.param_groups)
