@@ -68,6 +68,38 @@ def tiny_trainer_runs(tmp_path, variants: dict) -> dict:
     return runs
 
 
+def dense_and_mod_layers(*overrides: str, dtype=torch.bfloat16, device="cuda") -> list:
+    """A dense layer (number 1) and a MoD layer (number 2), as built for training: hidden 256, 4 heads,
+    router init std 0.5, plus `overrides`; seeded. The GPU tests of fused layers and CUDA graphs use it."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from mod_megatron.config import load_config
+    from mod_megatron.model.gpt import transformer_config
+    from mod_megatron.model.spec import dense_layer_spec, mod_layer_spec
+
+    cfg = load_config(None, ["--model.hidden_size=256", "--model.num_attention_heads=4", "--model.num_layers=2",
+                             "--mod.first_routed=1", "--mod.router_init_std=0.5", *overrides])
+    tcfg = transformer_config(cfg, dtype)
+    torch.manual_seed(0)
+    layers = [build_module(dense_layer_spec(cfg), config=tcfg, layer_number=1),
+              build_module(mod_layer_spec(cfg), config=tcfg, layer_number=2)]
+    return [layer.to(device=device, dtype=dtype) for layer in layers]
+
+
+def layer_stack_step(layers, x, rope, cot) -> tuple:
+    """One forward and backward of `layers` in turn on a copy of x, with output gradient `cot`: (output,
+    input grad, {"i.name": parameter grad}, the MoD layer's (layers[1]) aux diagnostics), all copies."""
+    x = x.detach().clone().requires_grad_(True)
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    h = x
+    for layer in layers:
+        h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rope)
+    (h.float() * cot).sum().backward()
+    grads = {f"{i}.{n}": p.grad.clone() for i, layer in enumerate(layers) for n, p in layer.named_parameters()}
+    return h.detach().clone(), x.grad.clone(), grads, {k: v.clone() for k, v in layers[1].last_aux.items()}
+
+
 def seed_all(seed: int) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

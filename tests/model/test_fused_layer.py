@@ -15,7 +15,7 @@ import torch
 from mod_megatron.config import load_config
 from mod_megatron.model.fused_layer import FusedTransformerLayer
 from mod_megatron.model.mod_layer import MoDTransformerLayer, mod_layers
-from tests.conftest import TINY, tiny_trainer_runs
+from tests.conftest import TINY, dense_and_mod_layers, layer_stack_step, tiny_trainer_runs
 
 CUDA = torch.cuda.is_available()
 
@@ -128,23 +128,13 @@ def test_the_mode_is_validated():
                                         "--model.num_query_groups=2"]], ids=["gelu", "swiglu-gqa"])
 def test_compiled_layers_equal_eager_ones_on_a_gpu(gpu_process, extra):
     """The compiled functions against the same functions run eagerly, bf16, dense and MoD layers."""
-    from megatron.core.transformer.spec_utils import build_module
-
     from benchmarks.bench_block import rotary
     from mod_megatron.model import compiled as compiled_fns
     from mod_megatron.model import fused_layer, fused_mod
-    from mod_megatron.model.gpt import transformer_config
     from mod_megatron.model.predictor import set_aux_loss_scale
-    from mod_megatron.model.spec import dense_layer_spec, mod_layer_spec
 
     set_aux_loss_scale(torch.ones(1, device="cuda"))
-    cfg = load_config(None, ["--model.hidden_size=256", "--model.num_attention_heads=4", "--model.num_layers=2",
-                             "--model.seq_length=512", "--mod.first_routed=1", "--mod.router_init_std=0.5", *extra])
-    tcfg = transformer_config(cfg, torch.bfloat16)
-    torch.manual_seed(0)
-    layers = [build_module(dense_layer_spec(cfg), config=tcfg, layer_number=1),
-              build_module(mod_layer_spec(cfg), config=tcfg, layer_number=2)]
-    layers = [layer.to(device="cuda", dtype=torch.bfloat16) for layer in layers]
+    layers = dense_and_mod_layers("--model.seq_length=512", *extra)
     S, B, H = 512, 2, 256
     gen = torch.Generator(device="cuda").manual_seed(1)
     x0 = torch.randn(S, B, H, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -155,18 +145,11 @@ def test_compiled_layers_equal_eager_ones_on_a_gpu(gpu_process, extra):
         compiled_fns._failed.clear()
         if not compiled:  # functions in _failed run eagerly
             compiled_fns._failed.update({fused_layer.block, fused_mod.routed_forward})
-        x = x0.clone().requires_grad_(True)
-        for layer in layers:
-            layer.zero_grad(set_to_none=True)
-        h = x
-        for layer in layers:
-            h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rope)
-        (h.float() * cot).sum().backward()
+        h, dx, grads, aux = layer_stack_step(layers, x0, rope, cot)
         if compiled:  # weight grads in the weights' own layout (megatron's DDP adds them into main_grad)
             assert all(p.grad.is_contiguous() for layer in layers for p in layer.parameters())
-        grads = {f"{i}.{n}": p.grad.float().clone() for i, l in enumerate(layers) for n, p in l.named_parameters()}
-        results[compiled] = (h.float(), x.grad.float(), grads, layers[1].last_routing.index.clone(),
-                             {k: v.float() for k, v in layers[1].last_aux.items()})
+        results[compiled] = (h.float(), dx.float(), {n: g.float() for n, g in grads.items()},
+                             layers[1].last_routing.index.clone(), {k: v.float() for k, v in aux.items()})
     compiled_fns._failed.clear()
     eager, comp = results[False], results[True]
     assert torch.equal(eager[3], comp[3])

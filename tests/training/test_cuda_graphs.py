@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.bench_block import rotary
 from mod_megatron.config import ConfigError, load_config
-from tests.conftest import TINY, tiny_trainer_runs
+from tests.conftest import TINY, dense_and_mod_layers, layer_stack_step, tiny_trainer_runs
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -107,38 +107,6 @@ def test_the_aux_loss_scale_is_one_tensor_the_graphs_can_keep():
 # ------------------------------------------------------------------ on a GPU
 
 
-def _layers(dtype=torch.bfloat16, hidden=256, seq=256):
-    """A dense layer and a MoD layer (capacity 0.125, aux loss and predictor on), as built for training."""
-    from megatron.core.transformer.spec_utils import build_module
-
-    from mod_megatron.model.gpt import transformer_config
-    from mod_megatron.model.spec import dense_layer_spec, mod_layer_spec
-
-    cfg = load_config(None, [f"--model.hidden_size={hidden}", "--model.num_attention_heads=4", "--model.num_layers=2",
-                             f"--model.seq_length={seq}", "--mod.first_routed=1", "--mod.capacity=0.125",
-                             "--mod.router_init_std=0.5"])
-    tcfg = transformer_config(cfg, dtype)
-    torch.manual_seed(0)
-    dense = build_module(dense_layer_spec(cfg), config=tcfg, layer_number=1)
-    mod = build_module(mod_layer_spec(cfg), config=tcfg, layer_number=2)
-    return [layer.to(device="cuda", dtype=dtype) for layer in (dense, mod)]
-
-
-
-def _step(layers, x, rope, cot):
-    x = x.detach().clone().requires_grad_(True)
-    for layer in layers:
-        layer.zero_grad(set_to_none=True)
-    h = x
-    for layer in layers:
-        h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rope)
-    (h.float() * cot).sum().backward()
-    grads = {f"{i}.{n}": p.grad.clone() for i, layer in enumerate(layers) for n, p in layer.named_parameters()}
-    return h.detach().clone(), x.grad.clone(), grads, {k: v.clone() for k, v in layers[1].last_aux.items()}
-
-
-
-
 @needs_cuda
 def test_graphed_layers_equal_eager_layers(gpu_process):
     from mod_megatron.model.predictor import set_aux_loss_scale
@@ -146,7 +114,7 @@ def test_graphed_layers_equal_eager_layers(gpu_process):
 
     set_aux_loss_scale(torch.full((1,), 0.5, device="cuda"))  # as the schedule sets it: 1/num_microbatches
     S, B, H = 256, 2, 256
-    eager, graphed = _layers(), _layers()
+    eager, graphed = (dense_and_mod_layers("--model.seq_length=256", "--mod.capacity=0.125") for _ in range(2))
     for a, b in zip(eager, graphed):
         b.load_state_dict(a.state_dict())
     graphs = ChunkGraphs(graphed)
@@ -154,7 +122,7 @@ def test_graphed_layers_equal_eager_layers(gpu_process):
     for step in range(3):  # the first call captures; the others replay on new inputs
         x = torch.randn(S, B, H, device="cuda", dtype=torch.bfloat16, generator=gen)
         cot = torch.randn(S, B, H, device="cuda", generator=gen)
-        want, got = _step(eager, x, rope, cot), _step(graphed, x, rope, cot)
+        want, got = layer_stack_step(eager, x, rope, cot), layer_stack_step(graphed, x, rope, cot)
         assert graphs.graphed is not None and graphs.replays == 2 * (step + 1)
         assert torch.equal(graphed[1].last_routing.index, eager[1].last_routing.index)
         tol = dict(rtol=2e-2, atol=2e-2)
