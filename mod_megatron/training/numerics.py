@@ -48,12 +48,18 @@ def local_grads_finite(chunks) -> torch.Tensor:
     return torch.isfinite(torch.stack(maxes)).all()
 
 
-def all_ranks_finite(ok, device: torch.device) -> bool:
-    """`ok` (a bool or a bool tensor) on every rank: one all-reduce and one host synchronisation."""
+def any_rank_flag(ok, device: torch.device) -> torch.Tensor:
+    """[1.0] if `ok` (a bool or a bool tensor) is False on some rank, else [0.0]: a float tensor on
+    `device` after one all-reduce, with no host synchronisation (read it when the GPU has caught up)."""
     flag = (~torch.as_tensor(ok, device=device)).float().reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+    return flag
+
+
+def all_ranks_finite(ok, device: torch.device) -> bool:
+    """`ok` (a bool or a bool tensor) on every rank: one all-reduce and one host synchronisation."""
+    return any_rank_flag(ok, device).item() == 0.0
 
 
 class Recorder:

@@ -7,6 +7,7 @@ held-out sets so curves are comparable across runs.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from mod_megatron.model.router import capacity_at
 from mod_megatron.training import checkpoint as ckpt
 from mod_megatron.training import fused_adam
 from mod_megatron.training import numerics
+from mod_megatron.training import optimizer_step
 from mod_megatron.training.builder import build_model_chunks, build_optimizer, param_dtype
 from mod_megatron.training.distributed import Layout
 from mod_megatron.training.flops import peak_flops, train_flops_per_token
@@ -38,25 +40,37 @@ from mod_megatron.moe.stats import moe_stats
 class MicroBatches:
     """Micro-batches of this DP rank, starting at global sample `start`: an endless iterator."""
 
-    def __init__(self, dataset, start: int, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp: int):
+    def __init__(self, dataset, start: int, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp: int,
+                 pin: bool = False):
         self.dataset, self.mbs, self.gbs = dataset, micro_batch_size, global_batch_size
         self.per_rank = global_batch_size // dp
         self.dp_rank = dp_rank
         self.next_sample = start  # global sample index of the next global batch
+        self.pin = pin  # page-locked host memory: the copy to the GPU is asynchronous (no stream wait)
         self._pending: list[int] = []
+        self._ready: collections.deque = collections.deque()
 
     def __iter__(self):
         return self
 
+    def prefetch(self, n: int) -> None:
+        """Build the next n micro-batches now (the trainer calls this while the GPU runs the backward)."""
+        while len(self._ready) < n:
+            self._ready.append(self._build())
+
     def __next__(self) -> dict:
+        return self._ready.popleft() if self._ready else self._build()
+
+    def _build(self) -> dict:
         if not self._pending:
             first = self.next_sample + self.dp_rank * self.per_rank
             self._pending = list(range(first, first + self.per_rank))
             self.next_sample += self.gbs
         idx, self._pending = self._pending[:self.mbs], self._pending[self.mbs:]
         samples = [self.dataset[i % len(self.dataset)] for i in idx]
-        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in
-                ("tokens", "labels", "loss_mask", "position_ids")}
+        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in
+                 ("tokens", "labels", "loss_mask", "position_ids")}
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -204,21 +218,29 @@ class Trainer:
         t = self.cfg.train
         n = len(self.chunks)
         its = [MicroBatches(self.datasets[split], start, t.micro_batch_size, t.global_batch_size,
-                            self.layout.dp_rank, self.layout.dp) for _ in range(n)]
+                            self.layout.dp_rank, self.layout.dp, pin=self.device.type == "cuda") for _ in range(n)]
         return its if n > 1 else its[0]
 
-    def _reduce_loss(self, reduced: list) -> Optional[float]:
-        """Mean token loss over the global batch, all-reduced over DP; None off the last stage."""
+    def _loss_total(self, reduced: list) -> Optional[torch.Tensor]:
+        """[loss sum, tokens] over the global batch, all-reduced over DP, on the device; None off the last stage."""
         if not self.layout.is_last_stage:
             return None
         total = torch.stack([r["lm loss"] for r in reduced]).sum(0).float()
         if self.layout.dp > 1:
             dist.all_reduce(total, group=ps.get_data_parallel_group())
-        return (total[0] / total[1].clamp(min=1)).item()
+        return total
+
+    def _reduce_loss(self, reduced: list) -> Optional[float]:
+        """Mean token loss over the global batch, all-reduced over DP; None off the last stage."""
+        total = self._loss_total(reduced)
+        return None if total is None else (total[0] / total[1].clamp(min=1)).item()
 
     def train_step(self, it) -> dict:
+        """One optimizer step. The host waits for the GPU once (optimizer_step.py): the loss, the
+        finiteness flags and the next step's batches are prepared before that, and read after it."""
         for chunk in self.chunks:
-            chunk.train()
+            if not chunk.training:
+                chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         t = self.cfg.train
@@ -231,18 +253,26 @@ class Trainer:
                 forward_step_func=self._forward_step, data_iterator=rec, model=self.chunks,
                 num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
                 micro_batch_size=t.micro_batch_size, forward_only=False)
-            loss = self._reduce_loss(reduced)
-            # Checked before optimizer.step(): a NaN/Inf update could not be undone (numerics.py).
+            # Checked before any update: a NaN/Inf update could not be undone (numerics.py).
+            total = self._loss_total(reduced)
             finite = numerics.local_grads_finite(self.chunks)
-            if loss is not None and not math.isfinite(loss):
-                finite = False
-            if not numerics.all_ranks_finite(finite, self.device):
+            if total is not None:
+                finite = finite & torch.isfinite(total[0]).to(finite.device)
+            bad = numerics.any_rank_flag(finite, self.device)
+            for batches in (it if isinstance(it, list) else [it]):
+                if hasattr(batches, "prefetch"):
+                    batches.prefetch(self.num_microbatches)
+            found_inf, grad_norm = optimizer_step.prepare(self.optimizer)  # waits for the backward
+            mean = [(total[0] / total[1].clamp(min=1)).reshape(1)] if total is not None else []
+            read = torch.cat([bad, *mean]).tolist()  # flag and loss in one read, no waiting now
+            loss = read[1] if total is not None else None
+            if read[0] != 0.0:
                 where = numerics.locate(self.chunks, getattr(rec, "batches", None), self.device, self.layout.pp)
                 return {"loss": loss, "grad_norm": None, "skipped": True, "nonfinite": where}
-        ok, grad_norm, _ = self.optimizer.step()
+        ok = not found_inf and optimizer_step.finish(self.optimizer, grad_norm)
         if ok:
             self.scheduler.step(increment=1)
-        return {"loss": loss, "grad_norm": grad_norm, "skipped": not ok}
+        return {"loss": loss, "grad_norm": grad_norm if ok else None, "skipped": not ok}
 
     @torch.no_grad()
     def evaluate(self, split: str) -> Optional[float]:
