@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, seed_all
+from tests.conftest import TINY, seed_all
 
 from mod_megatron.training import optimizer_step
 
