@@ -1,6 +1,7 @@
 """The two data-movement ops around a routed layer, and the choice between PyTorch and Triton.
 
-A MoD layer moves tokens twice (docs/mod.md, model/mod_layer.py):
+A MoD layer selects its tokens (`topk_positions`: top-k per sequence, in original order) and moves
+them twice (docs/mod.md, model/mod_layer.py):
 
     gather   routed[j, b] = x[index[j, b], b]                               [S,B,H] -> [k,B,H]
     combine  out = x, except out[index[j, b], b] = x_r[j, b] + r[j, b] * (y[j, b] - x_r[j, b])
@@ -9,7 +10,8 @@ A MoD layer moves tokens twice (docs/mod.md, model/mod_layer.py):
 The router weight r scales only the residual branch y - x_r, so it belongs to the combine; the
 gather is a plain copy. The functions below are the PyTorch reference (and the CPU path); with
 `fused=True` they run the Triton kernels of kernels/routing_triton.py instead (one launch each way
-plus a copy or a zero fill; gradients for x, y and r in one backward kernel). `index` must hold
+plus a copy or a zero fill; gradients for x, y and r in one backward kernel), and the selection runs
+kernels/topk_triton.py's one-launch top-k. `index` must hold
 distinct positions per column (top-k routing), which is what lets the scatters go without atomics.
 
 `use_fused(mode, x)` decides per forward: "off" never, "on" always (an error where it cannot),
@@ -49,6 +51,20 @@ def use_fused(mode: str, x: torch.Tensor) -> bool:
         why = "a CUDA tensor" if not x.is_cuda else "triton (pip install triton)"
         raise RuntimeError(f"mod.fused_routing=on needs {why}; use --mod.fused_routing=auto or off")
     return ok
+
+
+def topk_positions(scores: torch.Tensor, k: int, fused: bool = False) -> torch.Tensor:
+    """Positions [k, B] of the k highest scores in each column of scores [S, B], in increasing order.
+
+    PyTorch: torch.topk, then a sort of the positions. fused: the one-launch Triton kernel of
+    kernels/topk_triton.py (ties go to the earlier position, NaN ranks lowest) where S fits it."""
+    if fused:
+        from mod_megatron.kernels.topk_triton import MAX_SEQ, topk_in_order
+
+        if scores.shape[0] <= MAX_SEQ:
+            return topk_in_order(scores.detach(), k)
+    index = torch.topk(scores.detach(), k, dim=0, sorted=False).indices
+    return torch.sort(index, dim=0).values
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, fused: bool = False) -> torch.Tensor:

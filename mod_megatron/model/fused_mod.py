@@ -47,15 +47,16 @@ def routed_forward(x, router_w, pred_params, params, rope, meta: tuple, routing:
     """One MoD layer on x [S, B, H] with top-k routing.
 
     router_w: [H]; pred_params: (fc1 weight, fc1 bias, fc2 weight, fc2 bias) or None; params/rope/meta:
-    the TransformerLayer's (model/fused_layer.py), rope's tables per position [S, 1, 1, d]; routing: (capacity, router weight kind, router aux weight,
-    predictor aux weight, run the predictor?) with a weight of 0 meaning "no such loss".
+    the TransformerLayer's (model/fused_layer.py), rope's tables per position [S, 1, 1, d]; routing: (capacity,
+    router weight kind, router aux weight, predictor aux weight, run the predictor?, Triton top-k?) with a
+    weight of 0 meaning "no such loss".
     Returns (output [S,B,H], aux loss or None, index [k,B], router weight [k,B], logits [S,B],
     predictor logits [S,B] or None); all but the output and the loss are detached.
     """
-    capacity, weight_kind, router_loss_w, pred_loss_w, run_predictor = routing
+    capacity, weight_kind, router_loss_w, pred_loss_w, run_predictor, fused_topk = routing
     s, b, h = x.shape
     logits = (x.float() * router_w.float()).sum(-1)  # [S, B], fp32, one read of x
-    chosen = topk_route(logits, capacity, weight_kind)
+    chosen = topk_route(logits, capacity, weight_kind, fused_topk)
     index, r = chosen.index, chosen.weight
     rows = index.unsqueeze(-1).expand(*index.shape, h)
     xr = _GatherRows.apply(x, index)

@@ -10,7 +10,7 @@ causal attention among routed tokens is causal in the real sequence.
 
 Everything megatron-core gives a layer (TP linears, dist-checkpoint sharding, the spec system) is
 inherited; this class only adds the router and the gather/scatter around `TransformerLayer.forward`.
-The gather and the combine are kernels/routing.py's (Triton on CUDA, `mod.fused_routing`). The top-k
+The top-k selection, the gather and the combine are kernels/routing.py's (Triton on CUDA, `mod.fused_routing`). The top-k
 path has no host synchronisation (k is static: topk, sort, gather, scatter), and the router/predictor
 diagnostics (`last_aux`) are computed only when read, e.g. by the trainer at log steps.
 """
@@ -98,7 +98,7 @@ class MoDTransformerLayer(FusedTransformerLayer):
     def route(self, hidden_states: torch.Tensor) -> Routing:
         logits = self.router(hidden_states)
         if self.routing_mode == "topk":
-            return topk_route(logits, self.capacity, self.router_weight_kind)
+            return topk_route(logits, self.capacity, self.router_weight_kind, use_fused(self.fused_routing, logits))
         return causal_route(logits, self.causal_decision(hidden_states, logits), self.router_weight_kind)
 
     def causal_decision(self, hidden_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -153,7 +153,8 @@ class MoDTransformerLayer(FusedTransformerLayer):
         """The top-k forward as one (compiled) function: the same outputs, losses and diagnostics."""
         pred_params = None if self.predictor is None else self.predictor.weights()
         seq_len = hidden_states.shape[0]
-        routing = (self.capacity, self.router_weight_kind, *self._aux_weights())
+        routing = (self.capacity, self.router_weight_kind, *self._aux_weights(),
+                   use_fused(self.fused_routing, hidden_states))
         output, loss, index, weight, logits, pred = run(
             routed_forward, self.fused_layer, hidden_states, self.router.weight, pred_params, layer_params(self),
             rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self), routing, option="model.fused_layer")

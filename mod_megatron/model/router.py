@@ -91,15 +91,16 @@ def causal_route(logits: torch.Tensor, decide: torch.Tensor, weight_kind: str) -
     return Routing(index=index, weight=weight, logits=logits, valid=valid)
 
 
-def topk_route(logits: torch.Tensor, capacity: float, weight_kind: str) -> Routing:
-    """Expert-choice routing over the sequence dimension of `logits` [S, B]."""
+def topk_route(logits: torch.Tensor, capacity: float, weight_kind: str, fused: bool = False) -> Routing:
+    """Expert-choice routing over the sequence dimension of `logits` [S, B] (fused: the Triton top-k)."""
+    from mod_megatron.kernels.routing import topk_positions
+
     seq_len = logits.shape[0]
     k = capacity_tokens(seq_len, capacity)
     if k == seq_len:
         index = torch.arange(seq_len, device=logits.device).unsqueeze(1).expand(seq_len, logits.shape[1])
     else:
-        index = torch.topk(logits.detach(), k, dim=0, sorted=False).indices
-        index, _ = torch.sort(index, dim=0)
+        index = topk_positions(logits, k, fused)
     weight = router_weight(torch.gather(logits, 0, index), weight_kind)
     return Routing(index=index, weight=weight, logits=logits)
 
