@@ -11,8 +11,9 @@ ran the next stretch of Python (megatron's per-parameter loops): on one H200, 14
 368M training step (docs/benchmarks.md, "fifth session"). Here the same steps, in the same order, are
 two calls:
 
-    prepare(optimizer) -> (found_inf, grad norm)   all host work up to and including the one wait
-    finish(optimizer, grad norm) -> applied?       clip and update; nothing waits for the GPU
+    prepare(optimizer) -> Prepared   all host work up to and including the one wait (found_inf, grad norm,
+                                     and the gradient lists that clipping will scale)
+    finish(optimizer, prepared)      clip and update; nothing waits for the GPU; True if applied
 
 so the trainer launches its loss reduction and finiteness flags before `prepare` and reads them after
 it, when the GPU has caught up and the read costs nothing. Clipping is megatron's
@@ -24,9 +25,20 @@ precision-aware optimizer's decoupled gradients still go through megatron's func
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+
+@dataclass
+class Prepared:
+    """What `prepare` found: megatron's overflow flag, the gradient norm (None: nothing clips), and per
+    clipping optimizer (max norm, its main gradients), or None for megatron's own clip function."""
+
+    found_inf: bool
+    grad_norm: Optional[float] = None
+    clip_lists: list = field(default_factory=list)
 
 
 def _parts(optimizer) -> list:
@@ -35,41 +47,49 @@ def _parts(optimizer) -> list:
 
 
 @torch.no_grad()
-def prepare(optimizer) -> tuple[bool, Optional[float]]:
-    """megatron's prepare_grads() and the gradient norm: (found_inf, norm or None when nothing clips).
+def prepare(optimizer) -> Prepared:
+    """megatron's prepare_grads() and the gradient norm (the one wait); the lists to clip are gathered
+    before the wait, while the GPU still runs the backward.
 
-    found_inf is megatron's own overflow check (fp16 with a loss scaler); a collective over the
-    gradient-statistics group when the norm is computed, so every rank calls this."""
+    found_inf is megatron's own overflow check (fp16 with a loss scaler); the norm is a collective over
+    the gradient-statistics group, so every rank calls this."""
     if optimizer.prepare_grads():
-        return True, None
-    chained = hasattr(optimizer, "chained_optimizers")
-    if chained or any(part.config.clip_grad > 0.0 for part in _parts(optimizer)):
-        return False, optimizer.get_grad_norm()  # ChainedOptimizer.step() always computes it
-    return False, None
+        return Prepared(found_inf=True)
+    clip_lists = []
+    for part in _parts(optimizer):
+        if getattr(part, "is_stub_optimizer", False) or part.config.clip_grad <= 0.0:
+            continue
+        params = part.get_parameters()
+        if not params:
+            continue
+        if part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:  # gradients in .decoupled_grad
+            clip_lists.append((part.config.clip_grad, params, None))
+        else:
+            clip_lists.append((part.config.clip_grad, params, [p.grad.detach() for p in params if p.grad is not None]))
+    if hasattr(optimizer, "chained_optimizers") or clip_lists:  # ChainedOptimizer.step() always computes it
+        return Prepared(False, optimizer.get_grad_norm(), clip_lists)
+    return Prepared(False)
 
 
-def clip(part, max_norm: float, total_norm: float) -> None:
-    """Scale `part`'s main gradients by max_norm / (total_norm + 1e-6) when that is below 1."""
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+def clip(max_norm: float, total_norm: float, params: list, grads: Optional[list]) -> None:
+    """Scale the main gradients by max_norm / (total_norm + 1e-6) when that is below 1 (grads None:
+    the precision-aware optimizer's decoupled gradients, through megatron's own function)."""
+    if grads is None:
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-    params = part.get_parameters()
-    if not params:
-        return
-    if part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:  # gradients in .decoupled_grad
         clip_grad_by_total_norm_fp32(params, max_norm, total_norm, True)
         return
     coeff = max_norm / (total_norm + 1.0e-6)
-    if coeff < 1.0:
-        grads = [p.grad.detach() for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, coeff)
+    if coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, coeff)
 
 
 @torch.no_grad()
-def finish(optimizer, grad_norm: Optional[float]) -> bool:
+def finish(optimizer, prepared: Prepared) -> bool:
     """Clip with the norm from `prepare`, then megatron's step_with_ready_grads(); True if applied."""
-    if grad_norm is not None:
-        for part in _parts(optimizer):
-            if not getattr(part, "is_stub_optimizer", False) and part.config.clip_grad > 0.0:
-                clip(part, part.config.clip_grad, grad_norm)
+    if prepared.found_inf:
+        return False
+    if prepared.grad_norm is not None:
+        for max_norm, params, grads in prepared.clip_lists:
+            clip(max_norm, prepared.grad_norm, params, grads)
     return optimizer.step_with_ready_grads()

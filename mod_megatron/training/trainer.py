@@ -262,17 +262,17 @@ class Trainer:
             for batches in (it if isinstance(it, list) else [it]):
                 if hasattr(batches, "prefetch"):
                     batches.prefetch(self.num_microbatches)
-            found_inf, grad_norm = optimizer_step.prepare(self.optimizer)  # waits for the backward
+            prepared = optimizer_step.prepare(self.optimizer)  # waits for the backward
             mean = [(total[0] / total[1].clamp(min=1)).reshape(1)] if total is not None else []
             read = torch.cat([bad, *mean]).tolist()  # flag and loss in one read, no waiting now
             loss = read[1] if total is not None else None
             if read[0] != 0.0:
                 where = numerics.locate(self.chunks, getattr(rec, "batches", None), self.device, self.layout.pp)
                 return {"loss": loss, "grad_norm": None, "skipped": True, "nonfinite": where}
-        ok = not found_inf and optimizer_step.finish(self.optimizer, grad_norm)
+        ok = optimizer_step.finish(self.optimizer, prepared)
         if ok:
             self.scheduler.step(increment=1)
-        return {"loss": loss, "grad_norm": grad_norm if ok else None, "skipped": not ok}
+        return {"loss": loss, "grad_norm": prepared.grad_norm if ok else None, "skipped": not ok}
 
     @torch.no_grad()
     def evaluate(self, split: str) -> Optional[float]:

@@ -22,7 +22,10 @@ def _build(overrides, device):
     from mod_megatron.config import load_config
     from mod_megatron.training.builder import build_model_chunks, build_optimizer, param_dtype
 
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
     cfg = load_config(None, TINY + ["--train.weight_decay=0.1"] + overrides)
+    get_moe_layer_wise_logging_tracker().clear()  # megatron's process-wide MoE loss log, sized by an earlier model
     seed_all(0)
     chunks, _ = build_model_chunks(cfg, device)
     optimizer, _ = build_optimizer(cfg, chunks, param_dtype(cfg, device))
@@ -58,9 +61,10 @@ def test_prepare_and_finish_equal_megatrons_step(megatron_single_rank, variant, 
             optimizer.zero_grad()
             _backward(cfg, chunks, step, device)
             if split:
-                found_inf, norm = optimizer_step.prepare(optimizer)
-                assert found_inf is False
-                assert optimizer_step.finish(optimizer, norm) is True
+                prepared = optimizer_step.prepare(optimizer)
+                assert prepared.found_inf is False
+                assert optimizer_step.finish(optimizer, prepared) is True
+                norm = prepared.grad_norm
             else:
                 ok, norm, _ = optimizer.step()
                 assert ok
