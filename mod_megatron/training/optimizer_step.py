@@ -7,9 +7,9 @@
 and its gradient norm ends in `.item()`, which waits for the whole backward pass. The trainer also
 reads the loss and checks that loss and gradients are finite before any update (numerics.py). Each of
 those reads was a host synchronisation of its own, and after each one the GPU sat idle while the host
-ran the next stretch of Python (megatron's per-parameter loops): on one H200, 14 of the 169 ms of a
-368M training step (docs/benchmarks.md, "fifth session"). Here the same steps, in the same order, are
-two calls:
+ran the next stretch of Python (megatron's per-parameter loops): 14 of the 169 ms of a 368M training
+step in a profiler trace on one H200 (docs/benchmarks.md, "fifth session"). Here the same steps, in
+the same order, are two calls:
 
     prepare(optimizer) -> Prepared   all host work up to and including the one wait (found_inf, grad norm,
                                      and the gradient lists that clipping will scale)
