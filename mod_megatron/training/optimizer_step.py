@@ -34,7 +34,8 @@ import torch
 @dataclass
 class Prepared:
     """What `prepare` found: megatron's overflow flag, the gradient norm (None: nothing clips), and per
-    clipping optimizer (max norm, its main gradients), or None for megatron's own clip function."""
+    clipping optimizer (max norm, its parameters, their main gradients; None instead of the gradients
+    where megatron's own clip function must run: the precision-aware optimizer's decoupled gradients)."""
 
     found_inf: bool
     grad_norm: Optional[float] = None
