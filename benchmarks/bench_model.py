@@ -19,6 +19,7 @@ Config overrides (`--train.micro_batch_size=8`, `--mod.fused_routing=off`) apply
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -62,25 +63,36 @@ class RandomTokens:
                 "position_ids": torch.arange(self.seq_length)}
 
 
-def measure(config: str, overrides: list, warmup: int, iters: int, profile: str = None) -> dict:
-    """Build the Trainer for `config`, run warmup + iters steps, return the numbers of the timed ones."""
-    import torch
-
+@contextlib.contextmanager
+def random_token_trainer(config: str, overrides: list, iters: int):
+    """(cfg, trainer, its micro-batch iterator): the real Trainer for configs/`config`.yaml on random
+    tokens, in a temporary run directory (no evaluation, checkpoints or TensorBoard); shut down after."""
     from mod_megatron.config import load_config
     from mod_megatron.training.distributed import initialize, shutdown
-    from mod_megatron.training.flops import peak_flops, train_flops_per_token
     from mod_megatron.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(os.path.join(REPO, "configs", f"{config}.yaml"), [
-            *overrides, f"--train.iters={warmup + iters}", "--train.eval_iters=0", "--checkpoint.load=false",
+            *overrides, f"--train.iters={iters}", "--train.eval_iters=0", "--checkpoint.load=false",
             f"--checkpoint.dir={tmp}/checkpoints", f"--logging.dir={tmp}", "--logging.tensorboard=false",
             "--logging.progress_bar=false"])
         layout = initialize(cfg)
         data = RandomTokens(cfg.model.seq_length, cfg.model.vocab_size, cfg.train.seed)
         trainer = Trainer(cfg, layout, data, None, None)
-        batches = trainer._iterators("train", 0)
-        cuda = layout.device.type == "cuda"
+        try:
+            yield cfg, trainer, trainer._iterators("train", 0)
+        finally:
+            shutdown()
+
+
+def measure(config: str, overrides: list, warmup: int, iters: int, profile: str = None) -> dict:
+    """Build the Trainer for `config`, run warmup + iters steps, return the numbers of the timed ones."""
+    import torch
+
+    from mod_megatron.training.flops import peak_flops, train_flops_per_token
+
+    with random_token_trainer(config, overrides, warmup + iters) as (cfg, trainer, batches):
+        cuda = trainer.device.type == "cuda"
         losses = []
         for _ in range(warmup):
             losses.append(trainer.train_step(batches)["loss"])
@@ -105,7 +117,6 @@ def measure(config: str, overrides: list, warmup: int, iters: int, profile: str 
               "loss": out["loss"], "losses": losses, "ms_per_step": seconds / iters * 1e3,
               "cuda_graph_layers": sum(len(g.layers) for g in trainer.graphs if g.graphed),
               "cuda_graph_replays": sum(g.replays for g in trainer.graphs)}
-    shutdown()
     return result
 
 
@@ -132,13 +143,20 @@ def write_profile(trainer, batches, path: str, cuda: bool, steps: int = 2) -> No
 
 def run_config(config: str, args, overrides: list) -> dict:
     """measure() in a subprocess of its own; a failure (OOM, bad config) becomes {"error": ...}."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, f"--warmup={args.warmup}",
-           f"--iters={args.iters}", *([f"--profile={args.profile}"] if args.profile else []), *(SMOKE if args.smoke else []), *overrides]
+    return run_worker(os.path.abspath(__file__), config, [
+        f"--warmup={args.warmup}", f"--iters={args.iters}", *([f"--profile={args.profile}"] if args.profile else []),
+        *(SMOKE if args.smoke else []), *overrides], args.timeout)
+
+
+def run_worker(script: str, config: str, args: list, timeout: int) -> dict:
+    """`script --worker config *args` in a subprocess (fresh memory and peak counter); its `RESULT {...}`
+    line as a dict, or {"config", "error"} on a failure (OOM, bad config, timeout)."""
+    cmd = [sys.executable, script, "--worker", config, *args]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"config": config, "error": f"timed out after {args.timeout} s"}
+        return {"config": config, "error": f"timed out after {timeout} s"}
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULT = "RESULT "
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_model import REPO, RESULT, random_token_trainer, run_worker  # noqa: E402
+
 CATEGORIES = ("gemm", "attention", "compiled", "optimizer", "other")
 
 
@@ -69,21 +69,8 @@ def measure(config: str, overrides: list, warmup: int, iters: int, steps: int) -
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    from bench_model import RandomTokens
-
-    from mod_megatron.config import load_config
-    from mod_megatron.training.distributed import initialize, shutdown
-    from mod_megatron.training.trainer import Trainer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(os.path.join(REPO, "configs", f"{config}.yaml"), [
-            "--train.cuda_graphs=true", *overrides, f"--train.iters={warmup + iters + steps}",
-            "--train.eval_iters=0", "--checkpoint.load=false", f"--checkpoint.dir={tmp}/checkpoints",
-            f"--logging.dir={tmp}", "--logging.tensorboard=false", "--logging.progress_bar=false"])
-        layout = initialize(cfg)
-        trainer = Trainer(cfg, layout, RandomTokens(cfg.model.seq_length, cfg.model.vocab_size, 0), None, None)
-        batches = trainer._iterators("train", 0)
+    with random_token_trainer(config, ["--train.cuda_graphs=true", *overrides], warmup + iters + steps) as (
+            _, trainer, batches), tempfile.TemporaryDirectory() as tmp:
         for _ in range(warmup):
             trainer.train_step(batches)
         torch.cuda.synchronize()
@@ -102,7 +89,6 @@ def measure(config: str, overrides: list, warmup: int, iters: int, steps: int) -
             raw = json.load(f)["traceEvents"]
     events = [(e["name"], float(e["ts"]), float(e["dur"])) for e in raw
               if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
-    shutdown()
     return {"config": config, "card": torch.cuda.get_device_name(), "ms_per_step": ms, **analyse(events, steps)}
 
 
@@ -134,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args(argv)
     if args.worker:
+        sys.path.insert(0, REPO)
         print(RESULT + json.dumps(measure(args.worker, overrides, args.warmup, args.iters, args.steps)), flush=True)
         return 0
     if args.smoke:
@@ -142,16 +129,8 @@ def main(argv=None) -> int:
         return 0
     results = []
     for config in args.configs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, f"--warmup={args.warmup}",
-               f"--iters={args.iters}", f"--steps={args.steps}", *overrides]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.timeout,
-                                  env=dict(os.environ, PYTHONWARNINGS="ignore"))
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
-            results.append(json.loads(lines[-1][len(RESULT):]) if lines else
-                           {"config": config, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]})
-        except subprocess.TimeoutExpired:
-            results.append({"config": config, "error": f"timed out after {args.timeout} s"})
+        results.append(run_worker(os.path.abspath(__file__), config, [
+            f"--warmup={args.warmup}", f"--iters={args.iters}", f"--steps={args.steps}", *overrides], args.timeout))
         print(f"# {config}: done", flush=True)
     card = next((r["card"] for r in results if "card" in r), "?")
     print(f"# {card}; per step, averaged over {args.steps} profiled steps")
