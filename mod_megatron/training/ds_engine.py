@@ -22,7 +22,7 @@ from megatron.core import parallel_state as ps
 from mod_megatron.model.gpt import build_model, transformer_config
 from mod_megatron.training import checkpoint as ckpt
 from mod_megatron.training.builder import build_scheduler
-from mod_megatron.training.trainer import Trainer
+from mod_megatron.training.trainer import Trainer, mean_loss
 
 class MegatronMPU:
     """The `mpu` interface DeepSpeed reads, served from megatron-core's parallel state (pp = 1)."""
@@ -106,7 +106,7 @@ class DeepSpeedTrainer(Trainer):
     def _reduce(self, total: torch.Tensor) -> float:
         if self.layout.dp > 1:
             dist.all_reduce(total, group=ps.get_data_parallel_group())
-        return (total[0] / total[1].clamp(min=1)).item()
+        return mean_loss(total).item()
 
     def train_step(self, it) -> dict:
         from mod_megatron.model.predictor import set_aux_loss_scale

@@ -57,11 +57,6 @@ def any_rank_flag(ok, device: torch.device) -> torch.Tensor:
     return flag
 
 
-def all_ranks_finite(ok, device: torch.device) -> bool:
-    """`ok` (a bool or a bool tensor) on every rank: one all-reduce and one host synchronisation."""
-    return any_rank_flag(ok, device).item() == 0.0
-
-
 class Recorder:
     """Wraps a micro-batch iterator and keeps the batches it handed out (for the re-run)."""
 

@@ -73,6 +73,11 @@ class MicroBatches:
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch
 
 
+def mean_loss(total: torch.Tensor) -> torch.Tensor:
+    """[loss sum, tokens] -> the mean token loss, a 1-element tensor on total's device."""
+    return (total[0] / total[1].clamp(min=1)).reshape(1)
+
+
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float()
     mask = loss_mask.to(losses.dtype)
@@ -233,7 +238,7 @@ class Trainer:
     def _reduce_loss(self, reduced: list) -> Optional[float]:
         """Mean token loss over the global batch, all-reduced over DP; None off the last stage."""
         total = self._loss_total(reduced)
-        return None if total is None else (total[0] / total[1].clamp(min=1)).item()
+        return None if total is None else mean_loss(total).item()
 
     def train_step(self, it) -> dict:
         """One optimizer step. The host waits for the GPU once (optimizer_step.py): the loss, the
@@ -263,7 +268,7 @@ class Trainer:
                 if hasattr(batches, "prefetch"):
                     batches.prefetch(self.num_microbatches)
             prepared = optimizer_step.prepare(self.optimizer)  # waits for the backward
-            mean = [(total[0] / total[1].clamp(min=1)).reshape(1)] if total is not None else []
+            mean = [mean_loss(total)] if total is not None else []
             read = torch.cat([bad, *mean]).tolist()  # flag and loss in one read, no waiting now
             loss = read[1] if total is not None else None
             if read[0] != 0.0:

@@ -29,7 +29,7 @@ def test_one_bad_value_anywhere_is_found(device, bad):
         ok = numerics.local_grads_finite([_chunk(*grads[:2]), _chunk(grads[2])])
         assert ok.device.type == device and ok.dtype == torch.bool  # stays on the device: no sync there
         assert bool(ok) is (bad is None)
-        assert numerics.all_ranks_finite(ok, torch.device(device)) is (bad is None)
+        assert (numerics.any_rank_flag(ok, torch.device(device)).item() == 0.0) is (bad is None)
 
 
 def test_bf16_buffers_and_plain_param_grads():
@@ -39,5 +39,5 @@ def test_bf16_buffers_and_plain_param_grads():
     plain.weight.grad = torch.tensor([[0.0, float("nan")], [0.0, 0.0]])
     assert bool(numerics.local_grads_finite([_chunk(torch.ones(8, dtype=torch.bfloat16))]))
     assert not bool(numerics.local_grads_finite([plain]))
-    assert numerics.all_ranks_finite(False, torch.device("cpu")) is False
-    assert numerics.all_ranks_finite(True, torch.device("cpu")) is True
+    assert numerics.any_rank_flag(False, torch.device("cpu")).tolist() == [1.0]
+    assert numerics.any_rank_flag(True, torch.device("cpu")).tolist() == [0.0]
