@@ -11,8 +11,8 @@ The router weight r scales only the residual branch y - x_r, so it belongs to th
 gather is a plain copy. The functions below are the PyTorch reference (and the CPU path); with
 `fused=True` they run the Triton kernels of kernels/routing_triton.py instead (one launch each way
 plus a copy or a zero fill; gradients for x, y and r in one backward kernel), and the selection runs
-kernels/topk_triton.py's one-launch top-k. `index` must hold
-distinct positions per column (top-k routing), which is what lets the scatters go without atomics.
+kernels/topk_triton.py's one-launch top-k. `index` must hold distinct positions per column (top-k
+routing), which is what lets the scatters go without atomics.
 
 `use_fused(mode, x)` decides per forward: "off" never, "on" always (an error where it cannot),
 "auto" when `x` is a CUDA tensor and triton imports. triton is imported only then, so on a CPU
