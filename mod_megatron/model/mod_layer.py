@@ -11,8 +11,9 @@ causal attention among routed tokens is causal in the real sequence.
 Everything megatron-core gives a layer (TP linears, dist-checkpoint sharding, the spec system) is
 inherited; this class only adds the router and the gather/scatter around `TransformerLayer.forward`.
 The top-k selection, the gather and the combine are kernels/routing.py's (Triton on CUDA,
-`mod.fused_routing`). The top-k path has no host synchronisation (k is static: topk, sort, gather, scatter), and the router/predictor
-diagnostics (`last_aux`) are computed only when read, e.g. by the trainer at log steps.
+`mod.fused_routing`). The top-k path has no host synchronisation (k is static: topk, sort, gather,
+scatter), and the router/predictor diagnostics (`last_aux`) are computed only when read, e.g. by the
+trainer at log steps.
 """
 from __future__ import annotations
 
