@@ -5,7 +5,11 @@ The eager MoD layer (model/mod_layer.py) is router -> top-k -> gather -> Transfo
 and those ~100 launches and memory passes are most of its time. `routed_forward` is the same math
 written as one function of tensors, so the compiler fuses the router score into one reduction, the
 gather into the first norm's loads, the rotary frequencies' gather into the rotation, the weighted
-combine into one scatter, and the BCE aux losses (router and predictor) into a few kernels.
+combine into one pass over [S, B, H], and the BCE aux losses (router and predictor) into a few kernels.
+The gather and the combine are written as indexed loads by each position's slot (its row among the
+routed ones, or -1), never as scatters, so that in the backward the three gradients of x (the
+combine's pass-through, the routed rows' and the router score's) are one fused pass too, with no zero
+fill (one routed layer at the 368M model's shape, fwd+bwd profiled on an H200: 1.04 -> 1.00 ms).
 
 Same definitions as the eager path (and tested against it on CPU, tests/model/test_fused_layer.py):
 router logits in fp32, k = ceil(c*S) tokens per sequence kept in their original order, output
@@ -18,29 +22,58 @@ import torch
 
 from mod_megatron.model.fused_layer import block
 from mod_megatron.model.predictor import bce_sum, predictor_logits
-from mod_megatron.model.router import gather_positions, topk_membership, topk_route
+from mod_megatron.model.router import gather_positions, topk_route
+
+
+def _slots(index: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """index [k, B] (distinct per column) -> slot [S, B]: j where index[j, b] = s, else -1."""
+    k, b = index.shape
+    rows = torch.arange(k, device=index.device).unsqueeze(1).expand(k, b)
+    return torch.full((seq_len, b), -1, dtype=index.dtype, device=index.device).scatter(0, index, rows)
+
+
+def _by_slot(rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """rows [k, B, H] read back at each position's slot: [S, B, H] (garbage where slot is -1; mask it).
+    An indexed load, which the compiler fuses into the pointwise kernel that consumes it."""
+    return rows[slot.clamp(min=0), torch.arange(slot.shape[1], device=slot.device)]
 
 
 class _GatherRows(torch.autograd.Function):
-    """routed = x[index] along dim 0 of x [S, B, H] (index [k, B] distinct per column), whose backward
-    writes the routed rows' gradient into zeros with a plain indexed store: torch.gather's backward is
-    a scatter-add, i.e. atomic adds, which are slow in bf16 and needless for distinct rows."""
+    """routed = x[index] along dim 0 of x [S, B, H]. Its backward is a masked indexed load,
+    where(slot >= 0, grad[slot], 0), not a scatter into zeros: the compiler fuses it, the combine's
+    and the router's gradients of x into one pass over [S, B, H] (no zero fill, no atomics)."""
 
     @staticmethod
-    def forward(ctx, x, index):
+    def forward(ctx, x, index, slot):
         s, b, h = x.shape
         flat = (index * b + torch.arange(b, device=index.device)).reshape(-1)  # row of [S*B, H]
-        ctx.save_for_backward(flat)
-        ctx.shape = (s, b, h)
+        ctx.save_for_backward(slot)
         return x.reshape(s * b, h).index_select(0, flat).view(*index.shape, h)
 
     @staticmethod
     def backward(ctx, grad):
-        (flat,) = ctx.saved_tensors
-        s, b, h = ctx.shape
-        out = grad.new_zeros(s * b, h)
-        out[flat] = grad.reshape(-1, h)
-        return out.view(s, b, h), None
+        (slot,) = ctx.saved_tensors
+        return torch.where(slot.unsqueeze(-1) >= 0, _by_slot(grad, slot), 0), None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """out = x, except out[index] = xr + r * (y - xr); forward and backward each one pass over
+    [S, B, H] (the routed rows read by slot), gradients of the k routed rows from a gather of grad."""
+
+    @staticmethod
+    def forward(ctx, x, xr, y, r, index, slot):
+        mixed = xr + r.unsqueeze(-1).to(y.dtype) * (y - xr)
+        ctx.save_for_backward(xr, y, r, index, slot)
+        return torch.where(slot.unsqueeze(-1) >= 0, _by_slot(mixed, slot), x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xr, y, r, index, slot = ctx.saved_tensors
+        g = grad.gather(0, index.unsqueeze(-1).expand(*index.shape, grad.shape[-1])).float()  # [k, B, H]
+        rr = r.unsqueeze(-1).float()
+        grad_r = (g * (y.float() - xr.float())).sum(-1).to(r.dtype)
+        grad_x = torch.where(slot.unsqueeze(-1) >= 0, 0, grad)
+        return grad_x, ((1 - rr) * g).to(xr.dtype), (rr * g).to(y.dtype), grad_r, None, None
 
 
 def routed_forward(x, router_w, pred_params, params, rope, meta: tuple, routing: tuple):
@@ -54,18 +87,18 @@ def routed_forward(x, router_w, pred_params, params, rope, meta: tuple, routing:
     predictor logits [S,B] or None); all but the output and the loss are detached.
     """
     capacity, weight_kind, router_loss_w, pred_loss_w, run_predictor, fused_topk = routing
-    s, b, h = x.shape
+    s, b, _ = x.shape
     logits = (x.float() * router_w.float()).sum(-1)  # [S, B], fp32, one read of x
     chosen = topk_route(logits, capacity, weight_kind, fused_topk)
     index, r = chosen.index, chosen.weight
-    rows = index.unsqueeze(-1).expand(*index.shape, h)
-    xr = _GatherRows.apply(x, index)
+    slot = _slots(index, s)
+    xr = _GatherRows.apply(x, index, slot)
     y = block(xr, params, rope and gather_positions(rope, index), meta)
-    out = x.scatter(0, rows, xr + r.unsqueeze(-1).to(y.dtype) * (y - xr))
+    out = _CombineRows.apply(x, xr, y, r, index, slot)
 
     loss, pred = None, None
     if router_loss_w > 0 or pred_loss_w > 0:
-        target = topk_membership(index, s)
+        target = (slot >= 0).float()  # top-k membership
     if router_loss_w > 0:
         loss = bce_sum(logits, target) * (router_loss_w / (s * b))
     if run_predictor:
