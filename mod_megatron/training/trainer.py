@@ -242,7 +242,10 @@ class Trainer:
 
     def train_step(self, it) -> dict:
         """One optimizer step. The host waits for the GPU once (optimizer_step.py): the loss, the
-        finiteness flags and the next step's batches are prepared before that, and read after it."""
+        finiteness flags and the next step's batches are prepared before that, and read after it.
+        Where the optimizer is torch's fused AdamW (`optimizer_step.deferrable`), that one wait comes
+        after the update is queued: the kernels clip by the norm on the device and skip the update
+        themselves if the step is not finite, so the GPU never waits for the host in between."""
         for chunk in self.chunks:
             if not chunk.training:
                 chunk.train()
@@ -267,17 +270,26 @@ class Trainer:
             for batches in (it if isinstance(it, list) else [it]):
                 if hasattr(batches, "prefetch"):
                     batches.prefetch(self.num_microbatches)
-            prepared = optimizer_step.prepare(self.optimizer)  # waits for the backward
+            deferred = optimizer_step.deferrable(self.optimizer)
+            prepared = optimizer_step.prepare(self.optimizer, wait=not deferred)  # waits unless deferred
+            if deferred and not prepared.found_inf:  # queue the update; its kernels skip it if `bad`
+                optimizer_step.finish(self.optimizer, prepared, skip=bad)
             mean = [mean_loss(total)] if total is not None else []
-            read = torch.cat([bad, *mean]).tolist()  # flag and loss in one read, no waiting now
+            norm_sq = [prepared.norm_sq.reshape(1).to(bad)] if prepared.norm_sq is not None else []
+            read = torch.cat([bad, *mean, *norm_sq]).tolist()  # one read; no wait unless deferred
             loss = read[1] if total is not None else None
-            if read[0] != 0.0:
+            if read[0] != 0.0:  # nothing was updated (deferred: the AdamW kernels saw the flag)
                 where = numerics.locate(self.chunks, getattr(rec, "batches", None), self.device, self.layout.pp)
                 return {"loss": loss, "grad_norm": None, "skipped": True, "nonfinite": where}
-        ok = optimizer_step.finish(self.optimizer, prepared)
+        if deferred:
+            ok = not prepared.found_inf
+            grad_norm = read[-1] ** 0.5 if norm_sq else None  # as megatron's get_grad_norm computes it
+        else:
+            ok = optimizer_step.finish(self.optimizer, prepared)
+            grad_norm = prepared.grad_norm
         if ok:
             self.scheduler.step(increment=1)
-        return {"loss": loss, "grad_norm": prepared.grad_norm if ok else None, "skipped": not ok}
+        return {"loss": loss, "grad_norm": grad_norm if ok else None, "skipped": not ok}
 
     @torch.no_grad()
     def evaluate(self, split: str) -> Optional[float]:

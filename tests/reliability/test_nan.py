@@ -8,6 +8,7 @@ import math
 import os
 import signal
 
+import pytest
 import torch
 
 from reliability_helpers import latest, run, scalars
@@ -29,13 +30,18 @@ class _Tokens:
                 "position_ids": torch.arange(16)}
 
 
-def test_skipped_step_changes_no_parameter_and_no_optimizer_state(megatron_single_rank, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", ["off", "on"], ids=["host-decides", "fused-adamw-skips-on-device"])
+def test_skipped_step_changes_no_parameter_and_no_optimizer_state(megatron_single_rank, tmp_path, monkeypatch, fused):
+    """With torch's fused AdamW the update is queued before the host reads the finiteness flag, and the
+    kernel itself must leave everything as it was (training/optimizer_step.py, `deferrable`)."""
     from mod_megatron.config import load_config
+    from mod_megatron.training import optimizer_step
     from mod_megatron.training.distributed import Layout
     from mod_megatron.training.trainer import Trainer
 
     cfg = load_config(None, TINY + ["--checkpoint.load=false", f"--logging.dir={tmp_path}",
-                                    "--logging.tensorboard=false", "--logging.progress_bar=false"])
+                                    "--logging.tensorboard=false", "--logging.progress_bar=false",
+                                    f"--train.fused_optimizer={fused}"])
     layout = Layout(rank=0, world_size=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0,
                     device=torch.device("cpu"))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -44,8 +50,10 @@ def test_skipped_step_changes_no_parameter_and_no_optimizer_state(megatron_singl
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+    assert optimizer_step.deferrable(trainer.optimizer) == (fused == "on")
     it = trainer._iterators("train", 0)
-    trainer.train_step(it)  # one good step: Adam state exists
+    out = trainer.train_step(it)  # one good step: Adam state exists
+    assert not out["skipped"] and out["grad_norm"] > 0  # clip_grad=1.0: the norm is computed and reported
     trainer.iteration = 1
     params = [p.detach().clone() for p in trainer.chunks[0].parameters()]
     moments = [v.clone() for st in trainer.optimizer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
