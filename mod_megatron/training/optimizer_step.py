@@ -108,6 +108,8 @@ def prepare(optimizer, wait: bool = True) -> Prepared:
 
     found_inf is megatron's own overflow check (fp16 with a loss scaler); the norm is a collective over
     the gradient-statistics group, so every rank calls this."""
+    if not wait and not deferrable(optimizer):
+        raise ValueError("prepare(wait=False) needs torch's fused AdamW in every part (optimizer_step.deferrable)")
     if optimizer.prepare_grads():
         return Prepared(found_inf=True)
     clip_lists = []

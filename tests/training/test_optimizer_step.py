@@ -177,11 +177,14 @@ def test_prefetch_keeps_the_order():
 
 
 def test_a_skip_flag_needs_fused_adamw(one_rank):
-    """The foreach AdamW cannot skip on a device flag: finish(skip=...) refuses rather than update."""
+    """The foreach AdamW cannot clip or skip on device tensors: prepare(wait=False) and finish(skip=...)
+    refuse rather than update."""
     cfg, chunks, optimizer = _build(["--train.fused_optimizer=off"], one_rank)
     _backward(cfg, chunks, 0, one_rank)
     before = [p.detach().clone() for p in chunks[0].parameters()]
     assert not optimizer_step.deferrable(optimizer)
+    with pytest.raises(ValueError, match="fused AdamW"):
+        optimizer_step.prepare(optimizer, wait=False)
     prepared = optimizer_step.prepare(optimizer)
     with pytest.raises(ValueError, match="fused AdamW"):
         optimizer_step.finish(optimizer, prepared, skip=torch.ones(1, device=one_rank))
