@@ -116,7 +116,8 @@ def measure(config: str, overrides: list, warmup: int, iters: int, profile: str 
               "peak_flops": peak, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
               "loss": out["loss"], "losses": losses, "ms_per_step": seconds / iters * 1e3,
               "cuda_graph_layers": sum(len(g.layers) for g in trainer.graphs if g.graphed),
-              "cuda_graph_replays": sum(g.replays for g in trainer.graphs)}
+              "cuda_graph_replays": sum(g.replays for g in trainer.graphs),
+              "package": os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["mod_megatron"].__file__)))}
     return result
 
 
@@ -148,13 +149,15 @@ def run_config(config: str, args, overrides: list) -> dict:
         *(SMOKE if args.smoke else []), *overrides], args.timeout)
 
 
-def run_worker(script: str, config: str, args: list, timeout: int) -> dict:
-    """`script --worker config *args` in a subprocess (fresh memory and peak counter); its `RESULT {...}`
-    line as a dict, or {"config", "error"} on a failure (OOM, bad config, timeout)."""
+def run_worker(script: str, config: str, args: list, timeout: int, tree: str = REPO) -> dict:
+    """`script --worker config *args` in a subprocess (fresh memory and peak counter), run in source
+    tree `tree` (its package first on the path); its `RESULT {...}` line as a dict, or
+    {"config", "error"} on a failure (OOM, bad config, timeout)."""
     cmd = [sys.executable, script, "--worker", config, *args]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    path = os.pathsep.join(p for p in (tree, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"config": config, "error": f"timed out after {timeout} s"}
     for line in proc.stdout.splitlines():
