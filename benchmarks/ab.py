@@ -17,13 +17,12 @@ versions of the configs (a CI check of the tool itself).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import REPO, SMOKE, TWINS, run_worker  # noqa: E402
+from bench_model import REPO, SMOKE, TWINS, run_worker, save_results  # noqa: E402
 
 
 def order(rounds: int) -> list:
@@ -98,10 +97,7 @@ def main(argv=None) -> int:
     print(f"\n# {card}; base {base}; {args.rounds} rounds, {args.warmup} warm-up + {args.iters} timed steps per run"
           + (f"; overrides {' '.join(overrides)}" if overrides else ""))
     print(format_rows(summarise(results)), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0 if all("error" not in r for r in results) else 1
+    return save_results(results, args.json)
 
 
 if __name__ == "__main__":

@@ -219,8 +219,13 @@ def main(argv=None) -> int:
           + f"; {args.warmup} warm-up + {args.iters} timed steps per config"
           + (f"; overrides {' '.join(overrides)}" if overrides else ""))
     print(format_table(results), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
+    return save_results(results, args.json)
+
+
+def save_results(results: list, path) -> int:
+    """Write every run's result to `path` as JSON (if given); the exit status: 1 if a run failed."""
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=2)
     return 0 if all("error" not in r for r in results) else 1
 
