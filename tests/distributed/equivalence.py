@@ -25,6 +25,7 @@ from megatron.core.distributed.param_and_grad_buffer import shard_buffer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mod_megatron.config import load_config
+from mod_megatron.training import optimizer_step
 from mod_megatron.training.builder import build_model_chunks, build_optimizer, param_dtype
 from tests.distributed.spawn import run_layout
 
@@ -43,6 +44,9 @@ MODEL = ["--model.num_layers=4", "--model.hidden_size=64", "--model.num_attentio
 # cost-aware pipeline split uneven (1 dense layer | 3 MoD layers at PP=2).
 # "odd_capacity" keeps k = 5 of 32 tokens, not a multiple of tp=2: sequence parallelism pads it to 6.
 VARIANTS = {"base": [], "mod_every_layer": ["--mod.every=1"], "odd_capacity": ["--mod.capacity=0.15625"]}
+
+
+FUSED = "--train.fused_optimizer=on"
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,11 @@ LAYOUTS = [
     Layout("TP=2 + SP, k=5 padded to 6", 2, tp=2, sp=True, variant="odd_capacity"),
     Layout("TP=2 + SP x PP=2", 4, tp=2, pp=2, sp=True),
     Layout("PP=2 cost-aware split", 2, pp=2, variant="mod_every_layer", cost_aware=True),
+    # torch's fused AdamW, stepped as the trainer does then: the norm's collectives, the clip and the
+    # skip flag stay on the device (training/optimizer_step.py, prepare(wait=False))
+    Layout("TP=2, fused AdamW queued", 2, tp=2, extra=(FUSED,)),
+    Layout("PP=2, fused AdamW queued", 2, pp=2, extra=(FUSED,)),
+    Layout("DP=2 distributed optimizer, fused AdamW queued", 2, dp_opt=True, extra=(FUSED,)),
 ]
 BY_NAME = {layout.name: layout for layout in LAYOUTS}
 
@@ -183,6 +192,7 @@ def train_steps(cfg, layout, full_state: Optional[dict] = None, pipeline_layout:
     initial = full_params(chunks) if full_state is None else None
     optimizer, scheduler = build_optimizer(cfg, chunks, param_dtype(cfg, device))
     forward_backward = get_forward_backward_func()
+    deferred = optimizer_step.deferrable(optimizer)
     t = cfg.train
     mbs = micro_batches(make_batch(cfg), t.micro_batch_size, layout.dp_rank, layout.dp)
     losses, grads = [], []
@@ -197,13 +207,17 @@ def train_steps(cfg, layout, full_state: Optional[dict] = None, pipeline_layout:
             model=chunks, num_microbatches=len(mbs), seq_length=cfg.model.seq_length,
             micro_batch_size=t.micro_batch_size, forward_only=False)
         grads.append(full_grads(chunks, t.distributed_optimizer))
-        ok, _, _ = optimizer.step()
-        assert ok, "optimizer step skipped"
+        if deferred:  # the trainer's path with torch's fused AdamW: norm, clip and skip flag on the device
+            prepared = optimizer_step.prepare(optimizer, wait=False)
+            assert optimizer_step.finish(optimizer, prepared, skip=torch.zeros(1, device=device))
+        else:
+            ok, _, _ = optimizer.step()
+            assert ok, "optimizer step skipped"
         scheduler.step(increment=1)
         losses.append(_global_loss(reduced, layout))
     layers = sorted(layer.layer_number - 1 for c in chunks for layer in getattr(c, "module", c).decoder.layers)
     return {"losses": losses, "grads": grads, "params": full_params(chunks), "initial": initial,
-            "layers": layers, "batch_p2p_comm": tcfg.batch_p2p_comm}
+            "layers": layers, "batch_p2p_comm": tcfg.batch_p2p_comm, "deferred": deferred}
 
 
 def _global_loss(reduced: list, layout) -> Optional[float]:

@@ -27,6 +27,7 @@ def test_layout_matches_single_rank(layout):
     assert diff["loss"] <= LOSS_ATOL, diff
     assert diff["grad"] <= GRAD_ATOL, diff
     assert diff["param"] <= PARAM_ATOL, diff
+    assert all(r["deferred"] == (eq.FUSED in layout.extra) for r in ranks)  # the step path the layout names
     if layout.vpp:
         # gloo needs unbatched p2p for interleaved pipelines (see training/builder.py).
         assert not any(r["batch_p2p_comm"] for r in ranks)
