@@ -255,24 +255,27 @@ def run(layout: Layout) -> list[dict]:
 
 
 def compare(layout: Layout, ranks: Optional[list[dict]] = None) -> dict:
-    """max |Δloss|, |Δgrad| (every param, every step) and |Δparam| (after the last step) vs the reference."""
+    """max |Δloss|, |Δgrad| (every param, every step; and the first step's alone) and |Δparam| (after
+    the last step) vs the reference."""
     ref = reference(layout.variant)
     ranks = run(layout) if ranks is None else ranks
-    d_loss = d_grad = d_param = 0.0
+    d_loss = d_grad = d_first = d_param = 0.0
     seen = [set() for _ in range(STEPS)]
     for res in ranks:
         for step in range(STEPS):
             if res["losses"][step] is not None:
                 d_loss = max(d_loss, abs(res["losses"][step] - ref["losses"][step]))
             for name, g in res["grads"][step].items():
-                d_grad = max(d_grad, _max_abs_diff(g, ref["grads"][step][name]))
+                d = _max_abs_diff(g, ref["grads"][step][name])
+                d_grad = max(d_grad, d)
+                d_first = max(d_first, d) if step == 0 else d_first
                 seen[step].add(name)
         for name, p in res["params"].items():
             d_param = max(d_param, _max_abs_diff(p, ref["params"][name]))
     missing = set(ref["grads"][0]) - seen[0]
     assert not missing, f"{layout.name}: no rank reported grads for {sorted(missing)}"
     assert any(res["losses"][0] is not None for res in ranks), f"{layout.name}: no rank reported a loss"
-    return {"layout": layout.name, "loss": d_loss, "grad": d_grad, "param": d_param,
+    return {"layout": layout.name, "loss": d_loss, "grad": d_grad, "grad_first": d_first, "param": d_param,
             "ref_losses": ref["losses"]}
 
 

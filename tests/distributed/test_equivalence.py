@@ -2,9 +2,11 @@
 
 Tolerances (fp32; the layouts only change the order of floating-point sums):
   loss per step      |Δ| <= 2e-6   (losses ~4.9; measured <= 5e-7)
-  every gradient     |Δ| <= 2e-6   (all params, all 3 steps, TP shards gathered; measured <= 3e-7)
-  params after 3 Adam steps |Δ| <= 1e-4 (Adam divides by |g|, so tiny grads amplify rounding;
-                                         measured <= 5e-6, lr 1e-3)
+  first step's gradients |Δ| <= 1e-7 (all params, same weights, TP shards gathered; measured <= 1.5e-8):
+                     any missing or doubled reduction moves gradients by their own size (1e-3-1e-1)
+  later steps' gradients |Δ| <= 1e-5 (the weights differ by then: Adam's first step divides by |g|,
+                     so rounding in tiny gradients moves some weights by up to ~lr; measured <= 2.0e-6)
+  params after 3 Adam steps |Δ| <= 1e-4 (the same amplification; measured <= 3.5e-5, lr 1e-3)
 `python -m tests.distributed.equivalence_table` prints the measured numbers.
 """
 from __future__ import annotations
@@ -16,7 +18,8 @@ from tests.distributed import equivalence as eq
 from tests.distributed.spawn import run_layout
 
 LOSS_ATOL = 2e-6
-GRAD_ATOL = 2e-6
+FIRST_GRAD_ATOL = 1e-7
+GRAD_ATOL = 1e-5
 PARAM_ATOL = 1e-4
 
 
@@ -25,6 +28,7 @@ def test_layout_matches_single_rank(layout):
     ranks = eq.run(layout)
     diff = eq.compare(layout, ranks)
     assert diff["loss"] <= LOSS_ATOL, diff
+    assert diff["grad_first"] <= FIRST_GRAD_ATOL, diff
     assert diff["grad"] <= GRAD_ATOL, diff
     assert diff["param"] <= PARAM_ATOL, diff
     assert all(r["deferred"] == (eq.FUSED in layout.extra) for r in ranks)  # the step path the layout names
