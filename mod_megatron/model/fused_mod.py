@@ -9,7 +9,7 @@ combine into one pass over [S, B, H], and the BCE aux losses (router and predict
 The gather and the combine are written as indexed loads by each position's slot (its row among the
 routed ones, or -1), never as scatters, so that in the backward the three gradients of x (the
 combine's pass-through, the routed rows' and the router score's) are one fused pass too, with no zero
-fill (one routed layer at the 368M model's shape, fwd+bwd profiled on an H200: 1.04 -> 1.00 ms).
+fill (one routed layer at the 368M model's shape, fwd+bwd kernels profiled on H200s: 1.04 -> 1.00 ms).
 
 Same definitions as the eager path (and tested against it on CPU, tests/model/test_fused_layer.py):
 router logits in fp32, k = ceil(c*S) tokens per sequence kept in their original order, output
