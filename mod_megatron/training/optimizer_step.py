@@ -55,6 +55,7 @@ class Prepared:
     grad_norm: Optional[float] = None
     clip_lists: list = field(default_factory=list)
     norm_sq: Optional[torch.Tensor] = None  # prepare(wait=False): the squared gradient norm, on the device
+    deferred: bool = False  # made by prepare(wait=False), which checked `deferrable`
 
 
 def _parts(optimizer) -> list:
@@ -111,7 +112,7 @@ def prepare(optimizer, wait: bool = True) -> Prepared:
     if not wait and not deferrable(optimizer):
         raise ValueError("prepare(wait=False) needs torch's fused AdamW in every part (optimizer_step.deferrable)")
     if optimizer.prepare_grads():
-        return Prepared(found_inf=True)
+        return Prepared(found_inf=True, deferred=not wait)
     clip_lists = []
     for part in _parts(optimizer):
         if getattr(part, "is_stub_optimizer", False) or part.config.clip_grad <= 0.0:
@@ -125,10 +126,10 @@ def prepare(optimizer, wait: bool = True) -> Prepared:
             grads = [p.grad.detach() for p in params if p.grad is not None]
             clip_lists.append((part, (part.config.clip_grad, params, grads)))
     if not (hasattr(optimizer, "chained_optimizers") or clip_lists):  # ChainedOptimizer.step() always has one
-        return Prepared(False)
+        return Prepared(False, deferred=not wait)
     if not wait:
         device = next(p.device for part in _parts(optimizer) for p in part.get_parameters())
-        return Prepared(False, None, clip_lists, _device_norm_sq(optimizer, device))
+        return Prepared(False, None, clip_lists, _device_norm_sq(optimizer, device), deferred=True)
     return Prepared(False, optimizer.get_grad_norm(), clip_lists)
 
 
@@ -197,7 +198,7 @@ def finish(optimizer, prepared: Prepared, skip: Optional[torch.Tensor] = None) -
     were; nothing waits, and True means only that the update was queued."""
     if prepared.found_inf:
         return False
-    if skip is not None and not deferrable(optimizer):
+    if skip is not None and not (prepared.deferred or deferrable(optimizer)):  # prepare checked it already
         raise ValueError("finish(skip=...) needs torch's fused AdamW in every part (optimizer_step.deferrable)")
     armed = []
     try:
