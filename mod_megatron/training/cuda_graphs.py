@@ -7,12 +7,14 @@ bound by the CPU, not the GPU (docs/benchmarks.md). A replayed graph launches th
 once. Top-k routing has a static k and no host synchronisation, which is what makes it capturable.
 
 How: `enable(chunks)` wraps the forward of every layer of each model chunk. The first training
-forward (grad on, layer in train mode) captures all layers of the chunk together with
-`torch.cuda.make_graphed_callables`, in one memory pool and in the order they run (forwards in
-layer order, backwards in reverse), using that forward's shapes; every later training forward with
-the same shapes replays. Evaluation (no grad, eval mode), other shapes or extra arguments run the
-plain eager forward. Parameters get their gradients through autograd as usual, so megatron-core's
-DDP hooks, gradient accumulation over micro-batches and the optimizer are unchanged.
+forward (grad on, layer in train mode) captures all layers of the chunk together as one chain
+(`graph_chain.capture_chain`): one memory pool, captured in the order they run (forwards in layer
+order, backwards in reverse), each layer reading the previous layer's output where it lies, using
+that forward's shapes; every later training forward with the same shapes replays. Evaluation (no
+grad, eval mode), other shapes or extra arguments run the plain eager forward. The backward graphs
+add each parameter's gradient to megatron-core DDP's `main_grad` themselves (what DDP's hook does
+after autograd; parameters without `main_grad` get theirs through autograd), so gradient
+accumulation over micro-batches, the gradient all-reduce and the optimizer are unchanged.
 
 What it needs (config.validate and `check_supported` say so with the fix): a CUDA device, one
 pipeline stage (1F1B keeps several micro-batches in flight; a graph holds one), no tensor
@@ -29,6 +31,7 @@ from typing import Optional
 import torch
 
 from mod_megatron.model.fused_layer import PLAIN_IF_SET
+from mod_megatron.training import graph_chain
 
 # Arguments a TransformerLayer forward may get that the graph does not carry (those the fused layer does not
 # model, and the attention mask): any of them not None (or a hidden state that needs no grad) sends that call
@@ -86,7 +89,7 @@ def on_capture_stream():
 
 
 class _LayerCall(torch.nn.Module):
-    """A layer as make_graphed_callables wants it: positional tensors in, one tensor out."""
+    """A layer as the graph chain wants it: positional tensors in, one tensor out."""
 
     def __init__(self, layer, with_rope: bool):
         super().__init__()
@@ -117,6 +120,7 @@ class ChunkGraphs:
         self.layers = list(layers)
         self.num_warmup_iters = num_warmup_iters
         self.graphed: Optional[list] = None
+        self.links: list = []  # graph_chain.Link per layer
         self.key = None  # (shape, dtype, device, rope shape) the graphs were captured for
         self.state: list[dict] = []  # per layer: the MoD attributes that point at graph tensors
         self.replays = 0
@@ -166,12 +170,11 @@ class ChunkGraphs:
         t0 = time.perf_counter()
         _ensure_aux_loss_scale(hidden_states.device)
         with_rope = rope is not None
-        calls = tuple(_LayerCall(layer, with_rope) for layer in self.layers)
-        samples = tuple((hidden_states.detach().clone().requires_grad_(True),) + ((rope.detach(),) if with_rope else ())
-                        for _ in self.layers)
+        calls = [_LayerCall(layer, with_rope) for layer in self.layers]
+        sample = hidden_states.detach().clone().requires_grad_(True)
         try:
-            self.graphed = list(torch.cuda.make_graphed_callables(
-                calls, samples, num_warmup_iters=self.num_warmup_iters, allow_unused_input=True))
+            self.graphed, self.links = graph_chain.capture_chain(
+                calls, sample, (rope,) if with_rope else (), num_warmup_iters=self.num_warmup_iters)
         except Exception as e:  # an op that cannot be captured: one line with the way out, not a CUDA trace
             from mod_megatron.config import ConfigError
 
@@ -181,6 +184,11 @@ class ChunkGraphs:
         self.state = [{name: getattr(layer, name) for name in ("last_routing", "_aux_inputs") if hasattr(layer, name)}
                       for layer in self.layers]
         self.capture_s = time.perf_counter() - t0
+
+    @property
+    def copies(self) -> int:
+        """Input and output-gradient copies the replays made so far (a chain run in order makes 2 per micro-batch)."""
+        return self.links[0].copies[0] if self.links else 0
 
 
 def check_supported(cfg, device: torch.device) -> None:

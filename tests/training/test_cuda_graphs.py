@@ -62,13 +62,13 @@ def test_wrapped_layers_run_eagerly_where_nothing_can_be_graphed(build_gpt):
 
 
 def test_a_failed_capture_is_one_line_with_the_way_out(monkeypatch):
-    """Whatever make_graphed_callables raises becomes a ConfigError (mod-train: `error: ...`, exit 2)."""
+    """Whatever the capture raises becomes a ConfigError (mod-train: `error: ...`, exit 2)."""
     from mod_megatron.training import cuda_graphs
 
     def refuse(*args, **kwargs):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
 
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", refuse)
+    monkeypatch.setattr(cuda_graphs.graph_chain, "capture_chain", refuse)
     monkeypatch.setattr(cuda_graphs, "_ensure_aux_loss_scale", lambda device: None)
     layer = torch.nn.Linear(4, 4)
     layer.forward = lambda hidden_states, **kwargs: (hidden_states, None)
@@ -124,6 +124,7 @@ def test_graphed_layers_equal_eager_layers(gpu_process):
         cot = torch.randn(S, B, H, device="cuda", generator=gen)
         want, got = layer_stack_step(eager, x, rope, cot), layer_stack_step(graphed, x, rope, cot)
         assert graphs.graphed is not None and graphs.replays == 2 * (step + 1)
+        assert graphs.copies == 2 * (step + 1)  # the stack's input and its output gradient; none in between
         assert torch.equal(graphed[1].last_routing.index, eager[1].last_routing.index)
         tol = dict(rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(got[0].float(), want[0].float(), **tol)
@@ -143,6 +144,42 @@ def test_graphed_layers_equal_eager_layers(gpu_process):
             assert graphs.replays == 4 and graphed[1].last_routing.index.shape[0] == 16
             for layer in graphed:
                 layer.train()
+
+
+@needs_cuda
+def test_graphs_add_parameter_grads_to_main_grad_as_ddp_does(gpu_process):
+    """With megatron DDP's fp32 `main_grad` on the parameters, the backward graphs add the gradients there
+    (param.grad stays None), summing over micro-batches to what the same graphs hand back through autograd."""
+    from mod_megatron.training.cuda_graphs import ChunkGraphs
+
+    S, B, H = 256, 2, 256
+    plain, ddp = (dense_and_mod_layers("--model.seq_length=256", "--mod.capacity=0.125") for _ in range(2))
+    for a, b in zip(plain, ddp):
+        b.load_state_dict(a.state_dict())
+    main = {f"{i}.{n}": p for i, layer in enumerate(ddp) for n, p in layer.named_parameters()}
+    for p in main.values():
+        p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device="cuda")
+    want = {n: torch.zeros_like(p.main_grad) for n, p in main.items()}
+    graphs = (ChunkGraphs(plain), ChunkGraphs(ddp))
+    rope, gen = rotary(S, H // 4, "cuda"), torch.Generator(device="cuda").manual_seed(2)
+    for step in range(3):
+        x = torch.randn(S, B, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cot = torch.randn(S, B, H, device="cuda", generator=gen)
+        for name, g in layer_stack_step(plain, x, rope, cot)[2].items():
+            want[name] += g.float()
+        h = x.detach().clone().requires_grad_(True)
+        for layer in ddp:
+            h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rope)
+        (h.float() * cot).sum().backward()
+        assert all(p.grad is None for p in main.values())
+    assert graphs[1].replays == 6 and graphs[1].copies == 6
+    for name, p in main.items():
+        torch.testing.assert_close(p.main_grad, want[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert any("router" in n and float(p.main_grad.abs().sum()) > 0 for n, p in main.items())
+    first = next(iter(main.values()))
+    first.main_grad = first.main_grad.clone()  # a buffer replaced behind the graph's back is refused
+    with pytest.raises(RuntimeError, match="main_grad buffer was replaced"):
+        ddp[0](hidden_states=x.detach().clone().requires_grad_(True), attention_mask=None, rotary_pos_emb=rope)
 
 
 @needs_cuda
