@@ -9,10 +9,12 @@ that compute nothing (about 1.5 ms of a 368M-model step on an H200, docs/benchma
   output-gradient buffer *is* layer i+1's input gradient, so a stack replayed in order copies only
   at its two ends (a call whose input lives elsewhere still gets it copied, so any order is correct);
 - a parameter that carries megatron-core DDP's fp32 `main_grad` gets its gradient added to that
-  buffer inside the backward graph. That is what DDP's backward hook does (`main_grad.add_(grad)`,
-  then `grad = None`), but there each parameter's add is launched from Python after autograd hands
-  the gradient over. Parameters without `main_grad` get their gradients through autograd, as with
-  make_graphed_callables.
+  buffer by a graph replayed right after the layer's backward graph: one multi-tensor Triton launch
+  for the layer's parameters (kernels/multi_tensor_triton.py), torch's `add_` for any that do not fit
+  it. That is what DDP's backward hook does (`main_grad.add_(grad)`, then `grad = None`), but there
+  each parameter's add is launched from Python after autograd hands the gradient over, on PyTorch's
+  non-vectorised mixed-dtype path. Parameters without `main_grad` get their gradients through
+  autograd, as with make_graphed_callables.
 
 Like make_graphed_callables, all graphs share one memory pool and are captured in the order they
 replay (forwards first to last, backwards last to first), so a step must replay them in that order:
@@ -39,6 +41,8 @@ class Link:
     accumulated: tuple  # parameters whose gradients the backward graph adds to `main_grad`
     main_grads: tuple  # those main_grad tensors at capture (the graph writes to their memory)
     bwd: Optional[torch.cuda.CUDAGraph] = None
+    acc: Optional[torch.cuda.CUDAGraph] = None  # adds the accumulated parameters' gradients to main_grad
+    adder: object = None  # the MultiTensor that graph launches (it keeps the gradients' memory alive)
     grad_out: Optional[torch.Tensor] = None  # for layers before the last, an alias of the next's grad_in
     grad_in: Optional[torch.Tensor] = None
     returned_grads: tuple = ()
@@ -72,6 +76,8 @@ class _Replay(torch.autograd.Function):
             link.grad_out.copy_(grad)
             link.copies[0] += 1
         link.bwd.replay()
+        if link.acc is not None:
+            link.acc.replay()
         grads = tuple(None if g is None else g.detach() for g in link.returned_grads)
         return (None, link.grad_in.detach(), *([None] * ctx.num_args), *grads)
 
@@ -89,6 +95,18 @@ def _grad_params(call) -> list:
 def _has_main_grad(p) -> bool:
     grad = getattr(p, "main_grad", None)
     return isinstance(grad, torch.Tensor) and grad.shape == p.shape and grad.device == p.device
+
+
+def _adder(dsts: list, srcs: list):
+    from mod_megatron.kernels.multi_tensor_triton import MultiTensor
+
+    return MultiTensor(dsts, srcs, accumulate=True)
+
+
+def _block() -> int:
+    from mod_megatron.kernels.multi_tensor_triton import BLOCK
+
+    return BLOCK
 
 
 def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iters: int = 3) -> tuple[list, list]:
@@ -110,6 +128,10 @@ def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iter
                 y = call(x, *args)
                 torch.autograd.grad(y, (x, *ps), torch.empty_like(y), allow_unused=True)
                 del x, y
+        # compile the adder's kernel for each (main_grad, parameter) dtype pair before any capture
+        for dst_dtype, src_dtype in {(p.main_grad.dtype, p.dtype) for ps in params for p in ps if _has_main_grad(p)}:
+            _adder([torch.zeros(_block(), device=sample.device, dtype=dst_dtype)],
+                   [torch.zeros(_block(), device=sample.device, dtype=src_dtype)])()
     torch.cuda.synchronize()
 
     pool = torch.cuda.graph_pool_handle()
@@ -132,11 +154,14 @@ def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iter
         with torch.cuda.graph(graph, pool=pool):
             grads = torch.autograd.grad(link.out, (link.static_in, *link.returned, *link.accumulated),
                                         grad_outputs=grad, allow_unused=True)
-            for p, g in zip(link.accumulated, grads[1 + len(link.returned):]):
-                if g is not None:
-                    p.main_grad.add_(g)  # as DDP's hook would, inside the graph
         if grads[0] is None:
             raise RuntimeError("train.cuda_graphs: a layer's output does not depend on its input")
         link.bwd, link.grad_in, link.returned_grads = graph, grads[0], grads[1:1 + len(link.returned)]
+        pairs = [(p.main_grad, g) for p, g in zip(link.accumulated, grads[1 + len(link.returned):]) if g is not None]
+        if pairs:  # the address tables are made here, between captures, from the gradients' fixed memory
+            link.adder = _adder([d for d, _ in pairs], [g for _, g in pairs])
+            link.acc = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(link.acc, pool=pool):
+                link.adder.run_all()  # as DDP's hook would
         grad = grads[0]  # the previous layer's output gradient, where this graph writes it
     return [_replayer(link) for link in links], links

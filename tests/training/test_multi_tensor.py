@@ -50,7 +50,24 @@ def test_install_replaces_only_megatrons_fallbacks(monkeypatch):
     monkeypatch.setattr(clip_grads, "multi_tensor_scale_impl", utils.local_multi_tensor_scale)
     sentinel = object()  # as if apex/TE had provided the kernel
     monkeypatch.setattr(optimizer, "multi_tensor_scale_impl", sentinel)
+    monkeypatch.setattr(optimizer, "_multi_tensor_copy_this_to_that", multi_tensor.megatrons_copy())
     multi_tensor.install()
     assert clip_grads.l2_norm_impl is multi_tensor.l2_norm
     assert clip_grads.multi_tensor_scale_impl is multi_tensor.scale
     assert optimizer.multi_tensor_scale_impl is sentinel
+
+
+def test_the_parameter_copy_is_replaced_on_a_gpu_only(monkeypatch):
+    """On CUDA install() routes megatron's bf16 parameter copy through the multi-tensor kernel (its equality
+    with megatron's loop: tests/kernels/test_multi_tensor_kernel.py); without CUDA it stays megatron's."""
+    from megatron.core.optimizer import optimizer
+
+    megatrons = multi_tensor.megatrons_copy()
+    monkeypatch.setattr(optimizer, "_multi_tensor_copy_this_to_that", megatrons)
+    multi_tensor.install()
+    multi_tensor.install()  # twice: still one wrapper around megatron's function
+    if torch.cuda.is_available():
+        assert optimizer._multi_tensor_copy_this_to_that is multi_tensor.copy_this_to_that
+        assert multi_tensor._megatron_copy is megatrons
+    else:
+        assert optimizer._multi_tensor_copy_this_to_that is megatrons
