@@ -6,8 +6,11 @@ ms per step and speed-up over dense. On a GPU it runs in bf16; on a CPU (fp32) u
 e.g. `--hidden 256 --seq 512 --batch 2`. Ideal speed-up at capacity c is about 1/c.
 
 `--cuda-graph` also times each layer with its forward and backward captured once in CUDA graphs and
-replayed, exactly as `train.cuda_graphs` does in training (shapes are static, and so is k): that
-removes the CPU's launch and Python overhead, which bounds small routed blocks. Config overrides (`--mod.predictor=false`, `--mod.fused_routing=off`)
+replayed, as `train.cuda_graphs` does in training (shapes are static, and so is k): that removes the
+CPU's launch and Python overhead, which bounds small routed blocks. As in training, the parameters
+carry megatron-core DDP's fp32 `main_grad` buffers, which the backward graph adds their gradients to;
+unlike training, where each layer reads the previous one's output in place, the one graphed layer
+copies its input and output gradient into the graph each step. Config overrides (`--mod.predictor=false`, `--mod.fused_routing=off`)
 apply to every layer built.
 """
 from __future__ import annotations
@@ -76,11 +79,19 @@ def time_layer(layer, x, rope, warmup: int, iters: int) -> float:
     return time_fn(make_step(layer, x, rope), warmup, iters, x.is_cuda)
 
 
+def with_main_grads(layer):
+    """Give every parameter an fp32 `main_grad` buffer, as megatron-core's DDP does in training."""
+    for p in layer.parameters():
+        if p.requires_grad:
+            p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    return layer
+
+
 def time_graphed(layer, x, rope, warmup: int, iters: int):
     """ms per fwd+bwd with the layer graphed as in training (train.cuda_graphs), or why capture failed."""
     from mod_megatron.training.cuda_graphs import ChunkGraphs
 
-    graphs = ChunkGraphs([layer])
+    graphs = ChunkGraphs([with_main_grads(layer)])
     step = make_step(layer, x, rope)
     try:
         step()  # the first training forward captures

@@ -1,8 +1,9 @@
 """Is a graphed layer bound by the GPU or by the host? `python benchmarks/block_kernels.py`.
 
 For each layer variant (dense, MoD at a capacity, MoD without aux loss and predictor), builds the
-layer as bench_block.py does, graphs it as `train.cuda_graphs` does (ChunkGraphs), times `--iters`
-fwd+bwd steps, then traces `--steps` more with the CUDA profiler (kernels and copies only) and prints
+layer as bench_block.py does, graphs it as `train.cuda_graphs` does (ChunkGraphs; the parameters
+carry DDP's `main_grad` buffers), times `--iters` fwd+bwd steps, then traces `--steps` more with
+the CUDA profiler (kernels and copies only) and prints
 
     ## <variant>: wall W us/step, K kernels/step, kernel sum G us, traced span T us
 
@@ -64,7 +65,7 @@ def trace(variant: str, hidden: int, seq: int, batch: int, head_dim: int, iters:
     capacity, _, plain = variant.partition("-")
     layer = bb.build_layer(hidden, heads, None if capacity == "dense" else float(capacity), dtype,
                            PLAIN if plain else ()).to(device=device, dtype=dtype)
-    graphs = ChunkGraphs([layer])
+    graphs = ChunkGraphs([bb.with_main_grads(layer)])
     step = bb.make_step(layer, x, rope)
     for _ in range(10):  # the first captures
         step()
