@@ -8,8 +8,9 @@ profiler (kernels and copies only, to keep its own host overhead low). From the 
 
 per step: busy is the union of kernel intervals, idle = span - busy (the GPU had nothing queued:
 the host was behind, e.g. after a `.item()`), the categories sum kernel durations (kernels on two
-streams may overlap, so they can add up to more than busy). Below the table, each config's largest
-idle gaps with the kernels on either side say what the host was doing. The profiler adds host work
+streams may overlap, so they can add up to more than busy). Below the table, each config's idle time
+by gap size (many short gaps: launch latency between kernels or graphs; a few long ones: host work
+the GPU waited for), and its largest idle gaps with the kernels on either side. The profiler adds host work
 per launch, so idle time under it is an upper bound; compare configs or commits within one run.
 GPU only (`--smoke` runs the analysis on a synthetic trace).
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_model import REPO, RESULT, random_token_trainer, run_worker  # noqa: E402
 
 CATEGORIES = ("gemm", "attention", "compiled", "optimizer", "other")
+GAP_SIZES = ((0.0, 10.0, "<10us"), (10.0, 50.0, "10-50us"), (50.0, 200.0, "50-200us"), (200.0, float("inf"), ">=200us"))
 
 
 def category(name: str) -> str:
@@ -60,8 +62,18 @@ def analyse(events: list, steps: int, top_gaps: int = 8) -> dict:
         if start + dur > end:
             end, last = start + dur, name
     gaps.sort(key=lambda g: -g[0])
+    by_size = {label: [sum(lo <= g[0] < hi for g in gaps) / steps, sum(g[0] for g in gaps if lo <= g[0] < hi) / steps / 1e3]
+               for lo, hi, label in GAP_SIZES}  # per step: how many gaps of that size, and their idle ms
+    pairs: dict = {}  # (kernel before the gap, kernel after it) -> [gaps, idle us], for gaps that recur
+    for g, a, b in gaps:
+        entry = pairs.setdefault((a[:60], b[:60]), [0, 0.0])
+        entry[0] += 1
+        entry[1] += g
+    recurring = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top_gaps]
     return {"span_ms": span / steps / 1e3, "busy_ms": busy / steps / 1e3, "idle_ms": (span - busy) / steps / 1e3,
-            "categories_ms": {k: v / steps / 1e3 for k, v in per_cat.items()},
+            "categories_ms": {k: v / steps / 1e3 for k, v in per_cat.items()}, "idle_by_gap_size": by_size,
+            "idle_by_neighbours": [{"gaps": n / steps, "ms": us / steps / 1e3, "after": a, "before": b}
+                                   for (a, b), (n, us) in recurring],
             "gaps": [{"us": round(g, 1), "after": a[:90], "before": b[:90]} for g, a, b in gaps[:top_gaps]]}
 
 
@@ -103,6 +115,12 @@ def format_report(results: list) -> str:
         rows.append(f"| {r['config']} | {r['ms_per_step']:.2f} | {r['span_ms']:.2f} | {r['busy_ms']:.2f} | "
                     f"{r['idle_ms']:.2f} | {cats} |")
     for r in results:
+        if "idle_by_gap_size" in r:
+            rows.append(f"# {r['config']}: idle per step by gap size: " + ", ".join(
+                f"{label} {n:.0f} gaps {ms:.2f} ms" for label, (n, ms) in r["idle_by_gap_size"].items()))
+        for p in r.get("idle_by_neighbours", []):
+            rows.append(f"# {r['config']}: {p['ms']:.3f} ms/step idle in {p['gaps']:.1f} gaps/step after {p['after']} "
+                        f"| before {p['before']}")
         for g in r.get("gaps", []):
             rows.append(f"# {r['config']}: idle {g['us']:.0f} us after {g['after']} | before {g['before']}")
     return "\n".join(rows)

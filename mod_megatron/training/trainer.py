@@ -115,6 +115,9 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.history: list[dict] = []
+        # Deferred steps on a GPU: read loss, flag and norm before the queued update, not after it (the same
+        # values; the host then overlaps the next step's start with the update). False: read after it.
+        self.read_before_update = True
         self.window_tokens_per_s: list[float] = []
         self.resumed_from: Optional[str] = None
         self.resume_notes: list[str] = []
@@ -245,7 +248,9 @@ class Trainer:
         finiteness flags and the next step's batches are prepared before that, and read after it.
         Where the optimizer is torch's fused AdamW (`optimizer_step.deferrable`), that one wait comes
         after the update is queued: the kernels clip by the norm on the device and skip the update
-        themselves if the step is not finite, so the GPU never waits for the host in between."""
+        themselves if the step is not finite, so the GPU never waits for the host in between; and on a GPU
+        the values the host reads are copied out before the update, so the host waits for the backward
+        only and starts the next step while the GPU runs the update (`read_before_update`)."""
         for chunk in self.chunks:
             if not chunk.training:
                 chunk.train()
@@ -272,11 +277,22 @@ class Trainer:
                     batches.prefetch(self.num_microbatches)
             deferred = optimizer_step.deferrable(self.optimizer)
             prepared = optimizer_step.prepare(self.optimizer, wait=not deferred)  # waits unless deferred
-            if deferred and not prepared.found_inf:  # queue the update; its kernels skip it if `bad`
-                optimizer_step.finish(self.optimizer, prepared, skip=bad)
             mean = [mean_loss(total)] if total is not None else []
             norm_sq = [prepared.norm_sq.reshape(1).to(bad)] if prepared.norm_sq is not None else []
-            read = torch.cat([bad, *mean, *norm_sq]).tolist()  # one read; no wait unless deferred
+            values = torch.cat([bad, *mean, *norm_sq])
+            early = deferred and values.is_cuda and self.read_before_update
+            if early:  # what the host reads is copied out before the update is queued behind it
+                host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                host.copy_(values, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+            if deferred and not prepared.found_inf:  # queue the update; its kernels skip it if `bad`
+                optimizer_step.finish(self.optimizer, prepared, skip=bad)
+            if early:  # wait for the copy only: the GPU runs the update while the host starts the next step
+                copied.synchronize()
+                read = host.tolist()
+            else:
+                read = values.tolist()  # one read; no wait unless deferred
             loss = read[1] if total is not None else None
             if read[0] != 0.0:  # nothing was updated (deferred: the AdamW kernels saw the flag)
                 where = numerics.locate(self.chunks, getattr(rec, "batches", None), self.device, self.layout.pp)

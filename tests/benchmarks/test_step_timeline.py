@@ -31,8 +31,17 @@ def test_busy_is_the_union_and_gaps_name_their_neighbours():
     first, second = r["gaps"]
     assert first["us"] == 20.0 and first["after"].startswith("Memcpy DtoH") and "FusedAdam" in first["before"]
     assert second["us"] == 3.0 and second["after"] == "cudnn_sdpa_flash_fprop"
-    two = analyse(events + [(n, s + 100.0, d) for n, s, d in events], steps=2)  # per step
+    want = {"<10us": [1, 3e-3], "10-50us": [1, 20e-3], "50-200us": [0, 0], ">=200us": [0, 0]}
+    assert list(r["idle_by_gap_size"]) == list(want)
+    assert all(r["idle_by_gap_size"][k] == pytest.approx(v) for k, v in want.items())
+    two = analyse(events + [(n, s + 300.0, d) for n, s, d in events], steps=2)  # per step; 245 us between the two
     assert two["busy_ms"] == pytest.approx(32e-3) and len(two["gaps"]) == 5
+    assert two["idle_by_gap_size"][">=200us"] == pytest.approx([0.5, 245e-3 / 2])
+    boundary, recurring = two["idle_by_neighbours"][:2]  # ranked by idle time per step
+    assert (boundary["gaps"], boundary["after"], boundary["ms"]) == (0.5, "void at::native::FillFunctor", pytest.approx(0.1225))
+    assert (recurring["gaps"], recurring["after"][:11], recurring["before"]) == (  # 20 us before each optimizer step
+        1.0, "Memcpy DtoH", "multi_tensor_apply_kernel<FusedAdam>")
+    assert recurring["ms"] == pytest.approx(20e-3) and sum(p["gaps"] for p in two["idle_by_neighbours"]) == 2.5
 
 
 def test_categories_and_empty_trace():
@@ -48,6 +57,7 @@ def test_report_and_smoke_run():
     text = format_report([r, {"config": "y", "error": "timed out after 5 s"}])
     assert "| x | 1.00 | 0.04 | 0.02 | 0.02 | 0.01 | 0.00 | 0.01 | 0.00 | 0.00 |" in text
     assert "| y | failed: timed out after 5 s |" in text and "# x: idle 20 us after nvjet | before triton_a" in text
+    assert "# x: idle per step by gap size: <10us 0 gaps 0.00 ms, 10-50us 1 gaps 0.02 ms," in text
     out = subprocess.run([sys.executable, "benchmarks/step_timeline.py", "--smoke"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert out.returncode == 0 and "| synthetic |" in out.stdout, out.stderr

@@ -189,3 +189,45 @@ def test_a_skip_flag_needs_fused_adamw(one_rank):
     with pytest.raises(ValueError, match="fused AdamW"):
         optimizer_step.finish(optimizer, prepared, skip=torch.ones(1, device=one_rank))
     assert all(torch.equal(a, b) for a, b in zip(before, chunks[0].parameters()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_steps_read_before_the_update_and_train_as_before():
+    """A deferred step on a GPU copies out loss, flag and norm before its queued update and waits for that copy
+    only: the same losses, norms and parameters as reading after the update, the update applied by the time
+    the next step's work runs."""
+    import json
+    import subprocess
+    import sys
+
+    script = r'''
+import json, sys, torch
+sys.path.insert(0, ".")
+from benchmarks.bench_model import random_token_trainer
+tiny = ["--model.num_layers=4", "--model.hidden_size=256", "--model.num_attention_heads=4", "--model.seq_length=256",
+        "--model.vocab_size=512", "--train.micro_batch_size=4", "--train.global_batch_size=8", "--train.warmup_iters=0"]
+with random_token_trainer("gpt-125m-mod", tiny + sys.argv[2:], 6) as (cfg, trainer, batches):
+    trainer.read_before_update = sys.argv[1] == "1"
+    outs, moved = [], []
+    for _ in range(4):
+        before = [p.detach().clone() for p in trainer.chunks[0].parameters()]
+        outs.append(trainer.train_step(batches))
+        moved.append(sum(not torch.equal(a, p) for a, p in zip(before, trainer.chunks[0].parameters())))
+    params = torch.cat([p.detach().float().reshape(-1) for p in trainer.chunks[0].parameters()])
+    print("RESULT " + json.dumps({"losses": [o["loss"] for o in outs], "norms": [o["grad_norm"] for o in outs],
+                                  "skipped": [o["skipped"] for o in outs], "moved": moved,
+                                  "checksum": float(params.double().sum()), "absum": float(params.double().abs().sum())}))
+'''
+
+    def run(early, *overrides):
+        out = subprocess.run([sys.executable, "-c", script, "1" if early else "0", *overrides], capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+    early, late = run(True), run(False)
+    assert early["skipped"] == late["skipped"] == [False] * 4 and min(early["moved"]) > 0
+    assert len(set(early["losses"])) == 4 and all(n > 0 for n in early["norms"])
+    for key in ("losses", "norms"):
+        assert early[key] == pytest.approx(late[key], rel=1e-5, abs=0), key
+    assert early["checksum"] == pytest.approx(late["checksum"], rel=1e-5) and early["absum"] == pytest.approx(late["absum"], rel=1e-6)
