@@ -102,14 +102,17 @@ def _device_norm_sq(optimizer, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prepare(optimizer, wait: bool = True) -> Prepared:
+def prepare(optimizer, wait: Optional[bool] = True) -> Prepared:
     """megatron's prepare_grads() and the gradient norm (the one wait); the lists to clip are gathered
     before the wait, while the GPU still runs the backward. With wait=False (only where `deferrable`)
     the norm stays on the device (`norm_sq`) and nothing waits: `finish` queues the update behind it.
+    wait=None: wait=False where `deferrable`, else True (`Prepared.deferred` says which).
 
     found_inf is megatron's own overflow check (fp16 with a loss scaler); the norm is a collective over
     the gradient-statistics group, so every rank calls this."""
-    if not wait and not deferrable(optimizer):
+    if wait is None:
+        wait = not deferrable(optimizer)
+    elif not wait and not deferrable(optimizer):
         raise ValueError("prepare(wait=False) needs torch's fused AdamW in every part (optimizer_step.deferrable)")
     if optimizer.prepare_grads():
         return Prepared(found_inf=True, deferred=not wait)

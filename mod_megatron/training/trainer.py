@@ -275,8 +275,8 @@ class Trainer:
             for batches in (it if isinstance(it, list) else [it]):
                 if hasattr(batches, "prefetch"):
                     batches.prefetch(self.num_microbatches)
-            deferred = optimizer_step.deferrable(self.optimizer)
-            prepared = optimizer_step.prepare(self.optimizer, wait=not deferred)  # waits unless deferred
+            prepared = optimizer_step.prepare(self.optimizer, wait=None)  # waits unless `deferrable`
+            deferred = prepared.deferred
             mean = [mean_loss(total)] if total is not None else []
             norm_sq = [prepared.norm_sq.reshape(1).to(bad)] if prepared.norm_sq is not None else []
             values = torch.cat([bad, *mean, *norm_sq])

@@ -82,8 +82,9 @@ def test_prepare_and_finish_equal_megatrons_step(one_rank, variant, clip, monkey
             optimizer.zero_grad()
             _backward(cfg, chunks, step, device)
             if mode == "deferred":  # clip from the norm on the device; a zero skip flag
-                prepared = optimizer_step.prepare(optimizer, wait=False)
-                assert prepared.grad_norm is None
+                # wait=None (the trainer's call) resolves to wait=False where deferrable: both, on alternate steps
+                prepared = optimizer_step.prepare(optimizer, wait=None if step % 2 else False)
+                assert prepared.deferred and prepared.grad_norm is None
                 assert optimizer_step.finish(optimizer, prepared, skip=torch.zeros(1, device=device)) is True
                 folded = clip == 1e-3
                 assert not any(hasattr(o, n) for o in fused_adam.torch_optimizers(optimizer)
@@ -185,7 +186,8 @@ def test_a_skip_flag_needs_fused_adamw(one_rank):
     assert not optimizer_step.deferrable(optimizer)
     with pytest.raises(ValueError, match="fused AdamW"):
         optimizer_step.prepare(optimizer, wait=False)
-    prepared = optimizer_step.prepare(optimizer)
+    prepared = optimizer_step.prepare(optimizer, wait=None)  # waits here
+    assert not prepared.deferred and prepared.norm_sq is None
     with pytest.raises(ValueError, match="fused AdamW"):
         optimizer_step.finish(optimizer, prepared, skip=torch.ones(1, device=one_rank))
     assert all(torch.equal(a, b) for a, b in zip(before, chunks[0].parameters()))
