@@ -45,6 +45,21 @@ def scale(chunk_size, noop_flag, tensor_lists, factor):
 
 
 _copies: dict = {}  # (addresses of this, addresses of that) -> MultiTensor; it keeps those tensors alive
+_MAX_COPIES = 4  # lists kept: a ChainedOptimizer's parts take turns, each its own; older ones are let go
+
+
+def copy_op(this, that):
+    """The MultiTensor copying `this` into `that`, made once per pair of lists (the most recent few kept)."""
+    from mod_megatron.kernels.multi_tensor_triton import MultiTensor
+
+    key = (tuple(t.data_ptr() for t in this), tuple(t.data_ptr() for t in that))
+    op = _copies.pop(key, None)
+    if op is None:
+        op = MultiTensor(list(that), list(this), accumulate=False)
+    _copies[key] = op  # the most recently used last
+    while len(_copies) > _MAX_COPIES:  # e.g. the parameters were replaced (another model)
+        _copies.pop(next(iter(_copies)))
+    return op
 
 
 def copy_this_to_that(this, that, overflow_buf=None):
@@ -52,14 +67,7 @@ def copy_this_to_that(this, that, overflow_buf=None):
     tensors as one Triton launch per dtype pair (PyTorch's `copy_` for tensors the kernel does not take)."""
     if overflow_buf is not None or not this or not this[0].is_cuda:
         return _megatron_copy(this, that, overflow_buf)
-    from mod_megatron.kernels.multi_tensor_triton import MultiTensor
-
-    key = (tuple(t.data_ptr() for t in this), tuple(t.data_ptr() for t in that))
-    op = _copies.get(key)
-    if op is None:
-        _copies.clear()  # the parameters were replaced (another model): let the old ones go
-        op = _copies[key] = MultiTensor(list(that), list(this), accumulate=False)
-    op.run_all()
+    copy_op(this, that).run_all()
 
 
 _megatron_copy = None  # megatron-core's own function, once install() replaced it

@@ -102,7 +102,32 @@ def test_megatrons_parameter_copy_goes_through_the_kernel_unchanged(monkeypatch)
     main = [_values(n, n) for n in (4096 * 1024, 1024, 13, 128 * 1024)]  # fp32 main params (one does not fit)
     want, got = ([torch.empty_like(m, dtype=torch.bfloat16) for m in main] for _ in range(2))
     megatrons(main, want, None)
-    for _ in range(2):  # the second call reuses the tables
-        multi_tensor.copy_this_to_that(main, got, None)
-    assert len(multi_tensor._copies) == 1
+    multi_tensor.copy_this_to_that(main, got, None)
+    op = multi_tensor.copy_op(main, got)
+    multi_tensor.copy_this_to_that(main, got, None)  # the second call reuses the tables
+    assert multi_tensor.copy_op(main, got) is op
     assert all(_same(g, w) for g, w in zip(got, want))
+
+
+def test_copy_tables_are_made_once_per_list_pair_and_only_a_few_kept(monkeypatch):
+    """A ChainedOptimizer's parts copy their own lists in turn: each pair's tables are made once, not on
+    every call; beyond the few most recent pairs, the oldest is let go (with the tensors it held)."""
+    from mod_megatron.kernels import multi_tensor_triton
+    from mod_megatron.training import multi_tensor
+
+    made = []
+    monkeypatch.setattr(multi_tensor, "_copies", {})
+    real = multi_tensor_triton.MultiTensor
+    monkeypatch.setattr(multi_tensor_triton, "MultiTensor", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    parts = [([_values(1024, i)], [torch.empty(1024, device=DEVICE, dtype=torch.bfloat16)]) for i in range(6)]
+    for _ in range(3):  # two parts taking turns
+        for this, that in parts[:2]:
+            multi_tensor.copy_op(this, that).run_all()
+            assert _same(that[0], this[0].to(torch.bfloat16))
+    assert len(made) == 2 and len(multi_tensor._copies) == 2
+    for this, that in parts:  # six pairs: the two oldest are dropped
+        multi_tensor.copy_op(this, that)
+    assert len(made) == 6 and len(multi_tensor._copies) == multi_tensor._MAX_COPIES
+    assert multi_tensor.copy_op(*parts[5]) is made[-1] and len(made) == 6
+    multi_tensor.copy_op(*parts[0])  # dropped before: made again
+    assert len(made) == 7
