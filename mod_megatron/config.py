@@ -89,6 +89,10 @@ class ParallelConfig:
     sp: bool = False
     pipeline_split: str = "even"  # even (equal layers per stage) | cost (balance estimated FLOPs)
     # dp is implied: world_size // (tp * pp)
+    # Data-parallel gradient reduction in buckets, each launched (async) as soon as the backward has
+    # produced all of its gradients, overlapping the rest of the backward; off = one reduction after it.
+    overlap_grad_reduce: bool = True
+    bucket_size: Optional[int] = None  # parameters per bucket (None: megatron's max(40M, 1M * dp))
 
 
 @dataclass
@@ -326,6 +330,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"parallel.tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}")
     if p.sp:
         _check(m.seq_length % p.tp == 0, f"parallel.sp needs model.seq_length ({m.seq_length}) divisible by parallel.tp ({p.tp})")
+    _check(p.bucket_size is None or p.bucket_size >= 1,
+           f"parallel.bucket_size must be a positive number of parameters (or null for megatron's default), got {p.bucket_size}")
     _check(p.pipeline_split in ("even", "cost"), f"parallel.pipeline_split must be even or cost, got {p.pipeline_split!r}")
     if p.pipeline_split == "cost":
         _check(p.pp > 1 and p.vpp is None,
@@ -381,6 +387,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(world_size % mp == 0,
                f"world size {world_size} is not divisible by tp*pp={mp}; launch a multiple of {mp} processes")
         dp = world_size // mp
+        if t.cuda_graphs:
+            from mod_megatron.training.cuda_graphs import data_parallel_refusal
+
+            why = data_parallel_refusal(dp)
+            _check(why is None, why or "")
         _check((p.tp * dp) % cfg.moe.ep == 0,
                f"moe.ep={cfg.moe.ep} must divide tp*dp={p.tp * dp} (world size {world_size} / pp={p.pp}): "
                "expert-parallel ranks come from the tp x dp ranks of a stage; launch more processes or lower moe.ep")

@@ -66,7 +66,8 @@ def build_model_chunks(cfg: Config, device: torch.device, wrap_ddp: bool = True,
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=cfg.train.distributed_optimizer,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        bucket_size=cfg.parallel.bucket_size,
         check_for_nan_in_grad=False,
     )
     graphs = cfg.train.cuda_graphs and device.type == "cuda"

@@ -13,12 +13,15 @@ order, backwards in reverse), each layer reading the previous layer's output whe
 that forward's shapes; every later training forward with the same shapes replays. Evaluation (no
 grad, eval mode), other shapes or extra arguments run the plain eager forward. The backward graphs
 add each parameter's gradient to megatron-core DDP's `main_grad` themselves (what DDP's hook does
-after autograd; parameters without `main_grad` get theirs through autograd), so gradient
-accumulation over micro-batches, the gradient all-reduce and the optimizer are unchanged.
+after autograd; parameters without `main_grad` get theirs through autograd), and then, with
+`parallel.overlap_grad_reduce`, mark them ready in DDP's buckets as that hook does, so a full bucket
+starts its all-reduce while the backward goes on. Gradient accumulation over micro-batches, the
+gradient reduction and the optimizer are unchanged.
 
 What it needs (config.validate and `check_supported` say so with the fix): a CUDA device, one
 pipeline stage (1F1B keeps several micro-batches in flight; a graph holds one), no tensor
-parallelism (not yet validated on several GPUs; data parallelism is outside the layers), no MoE layers
+parallelism (not yet validated on several GPUs), no data parallelism (correct, equal losses, but
+measured 2.3x slower than eager at DP=4, cause not yet found; docs/parallel.md), no MoE layers
 (their per-expert token counts go through the host), no capacity warm-up (k changes), no dropout.
 The MoD layer's diagnostics (`last_aux`, `last_routing`) point at the graph's tensors, which each
 replay rewrites, so they describe the latest micro-batch as in eager mode.
@@ -49,8 +52,8 @@ def unsupported(cfg) -> Optional[str]:
         return ("train.cuda_graphs needs parallel.pp=1: the pipeline schedule keeps several micro-batches in "
                 "flight and a layer's graph holds one; use --train.cuda_graphs=false with pipeline parallelism")
     if cfg.parallel.tp > 1:
-        return ("train.cuda_graphs is validated with one GPU per model replica (parallel.tp=1; data parallelism "
-                "is fine): tensor-parallel collectives inside captured layers are not yet tested; use "
+        return ("train.cuda_graphs is validated with one GPU per model replica (parallel.tp=1): "
+                "tensor-parallel collectives inside captured layers are not yet tested; use "
                 "--train.cuda_graphs=false with parallel.tp > 1")
     if any(is_moe_layer(cfg, i) for i in range(cfg.model.num_layers)):
         return ("train.cuda_graphs does not support MoE layers (their per-expert token counts go through the "
@@ -116,8 +119,9 @@ def _ensure_aux_loss_scale(device) -> None:
 class ChunkGraphs:
     """The graphed layers of one model chunk, captured together on their first training forward."""
 
-    def __init__(self, layers, num_warmup_iters: int = 3):
+    def __init__(self, layers, num_warmup_iters: int = 3, grads_ready=None):
         self.layers = list(layers)
+        self.grads_ready = grads_ready  # called with the parameters each backward graph added to main_grad
         self.num_warmup_iters = num_warmup_iters
         self.graphed: Optional[list] = None
         self.links: list = []  # graph_chain.Link per layer
@@ -181,6 +185,8 @@ class ChunkGraphs:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise ConfigError(f"train.cuda_graphs: capturing the layers failed ({type(e).__name__}: {first}); "
                               "run with --train.cuda_graphs=false") from e
+        for link in self.links:
+            link.grads_ready = self.grads_ready
         self.state = [{name: getattr(layer, name) for name in ("last_routing", "_aux_inputs") if hasattr(layer, name)}
                       for layer in self.layers]
         self.capture_s = time.perf_counter() - t0
@@ -191,15 +197,47 @@ class ChunkGraphs:
         return self.links[0].copies[0] if self.links else 0
 
 
-def check_supported(cfg, device: torch.device) -> None:
-    """Raise ConfigError (one line, with the fix) if `train.cuda_graphs` cannot run here."""
+def data_parallel_refusal(dp: int) -> Optional[str]:
+    """Why graphs are refused at this data-parallel size (None at dp=1).
+
+    Correct, but slow: a 1.2B MoD GPT at DP=4 on 4 H200s ran 118k tokens/s graphed against 271k eager
+    (docs/parallel.md); until the cause is found a launch does not pay for it unasked."""
+    if dp <= 1:
+        return None
+    return (f"train.cuda_graphs is for one model replica per launch for now (this launch has data-parallel "
+            f"size {dp}): graphed layers with data parallelism measured 2.3x slower than eager on 4 GPUs; "
+            "use --train.cuda_graphs=false with data parallelism")
+
+
+def check_supported(cfg, device: torch.device, dp: int = 1) -> None:
+    """Raise ConfigError (one line, with the fix) if `train.cuda_graphs` cannot run here (dp: the
+    data-parallel size of this launch)."""
     from mod_megatron.config import ConfigError
 
     why = unsupported(cfg)
     if why is None and device.type != "cuda":
         why = "train.cuda_graphs needs a CUDA GPU; use --train.cuda_graphs=false on a CPU"
+    if why is None:
+        why = data_parallel_refusal(dp)
     if why:
         raise ConfigError(why)
+
+
+def ddp_grads_ready(ddp):
+    """What megatron-core DDP's backward hook does after adding a parameter's grad to main_grad, when
+    it overlaps the gradient reduction: mark the parameter ready in its bucket group, which launches
+    the group's async reduction once all of its parameters are in (on the last micro-batch). None
+    where there is nothing to do (no DDP, or the reduction runs after the backward)."""
+    config = getattr(ddp, "ddp_config", None)
+    if config is None or not config.overlap_grad_reduce:
+        return None
+
+    def ready(params):
+        for p in params:
+            group = ddp.param_to_bucket_group.get(p)
+            if group is not None:
+                group.register_grad_ready(p, ddp.force_all_reduce)
+    return ready
 
 
 def enable(chunks, num_warmup_iters: int = 3) -> list[ChunkGraphs]:
@@ -210,5 +248,5 @@ def enable(chunks, num_warmup_iters: int = 3) -> list[ChunkGraphs]:
         model = getattr(model, "module", model)  # Float16Module inside DDP
         layers = list(model.decoder.layers)
         if layers:
-            graphs.append(ChunkGraphs(layers, num_warmup_iters))
+            graphs.append(ChunkGraphs(layers, num_warmup_iters, grads_ready=ddp_grads_ready(chunk)))
     return graphs

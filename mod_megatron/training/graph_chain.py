@@ -24,7 +24,7 @@ shapes of the capture (ChunkGraphs checks).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -43,6 +43,8 @@ class Link:
     bwd: Optional[torch.cuda.CUDAGraph] = None
     acc: Optional[torch.cuda.CUDAGraph] = None  # adds the accumulated parameters' gradients to main_grad
     adder: object = None  # the MultiTensor that graph launches (it keeps the gradients' memory alive)
+    added: tuple = ()  # the accumulated parameters that graph adds a gradient for (those that get one)
+    grads_ready: Optional[Callable] = None  # called with `added` after the adds: DDP's bucket bookkeeping
     grad_out: Optional[torch.Tensor] = None  # for layers before the last, an alias of the next's grad_in
     grad_in: Optional[torch.Tensor] = None
     returned_grads: tuple = ()
@@ -78,6 +80,8 @@ class _Replay(torch.autograd.Function):
         link.bwd.replay()
         if link.acc is not None:
             link.acc.replay()
+            if link.grads_ready is not None:  # as DDP's hook would: a full bucket starts its reduction
+                link.grads_ready(link.added)
         grads = tuple(None if g is None else g.detach() for g in link.returned_grads)
         return (None, link.grad_in.detach(), *([None] * ctx.num_args), *grads)
 
@@ -160,6 +164,7 @@ def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iter
         pairs = [(p.main_grad, g) for p, g in zip(link.accumulated, grads[1 + len(link.returned):]) if g is not None]
         if pairs:  # the address tables are made here, between captures, from the gradients' fixed memory
             link.adder = _adder([d for d, _ in pairs], [g for _, g in pairs])
+            link.added = tuple(p for p, g in zip(link.accumulated, grads[1 + len(link.returned):]) if g is not None)
             link.acc = torch.cuda.CUDAGraph()
             with torch.cuda.graph(link.acc, pool=pool):
                 link.adder.run_all()  # as DDP's hook would

@@ -105,7 +105,7 @@ class Trainer:
         if cfg.train.cuda_graphs:
             from mod_megatron.training import cuda_graphs
 
-            cuda_graphs.check_supported(cfg, self.device)
+            cuda_graphs.check_supported(cfg, self.device, self.layout.dp)
             self.graphs = cuda_graphs.enable(self.chunks)
         self.datasets = {"train": train_ds, "valid": valid_ds, "heldout": heldout_ds}
         self.meta = dict(meta or {})

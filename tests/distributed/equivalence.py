@@ -47,6 +47,7 @@ VARIANTS = {"base": [], "mod_every_layer": ["--mod.every=1"], "odd_capacity": ["
 
 
 FUSED = "--train.fused_optimizer=on"
+SMALL_BUCKETS = "--parallel.bucket_size=8192"  # the tiny model's ~100k parameters in ~12 buckets
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,12 @@ LAYOUTS = [
     Layout("TP=2, fused AdamW queued", 2, tp=2, extra=(FUSED,)),
     Layout("PP=2, fused AdamW queued", 2, pp=2, extra=(FUSED,)),
     Layout("DP=2 distributed optimizer, fused AdamW queued", 2, dp_opt=True, extra=(FUSED,)),
+    # the DP gradient reduction: overlapped by default, bucket by bucket; here also after the backward,
+    # and in small buckets (each launched from the backward hooks while later layers' grads still come)
+    Layout("DP=2, reduction after the backward", 2, extra=("--parallel.overlap_grad_reduce=false",)),
+    Layout("DP=2, 8k-parameter buckets", 2, extra=(SMALL_BUCKETS,)),
+    Layout("DP=2 distributed optimizer, 8k-parameter buckets", 2, dp_opt=True, extra=(SMALL_BUCKETS,)),
+    Layout("PP=2 x DP=2, 8k-parameter buckets", 4, pp=2, extra=(SMALL_BUCKETS,)),
 ]
 BY_NAME = {layout.name: layout for layout in LAYOUTS}
 
@@ -196,11 +203,14 @@ def train_steps(cfg, layout, full_state: Optional[dict] = None, pipeline_layout:
     t = cfg.train
     mbs = micro_batches(make_batch(cfg), t.micro_batch_size, layout.dp_rank, layout.dp)
     losses, grads = [], []
+    groups = [g for c in chunks for g in c.bucket_groups + c.expert_parallel_bucket_groups]
+    in_flight = _count_in_flight(groups)
     for _ in range(STEPS):
         for chunk in chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
+        in_flight.append(0)
         iters = [iter(mbs) for _ in chunks]
         reduced = forward_backward(
             forward_step_func=_forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
@@ -217,7 +227,26 @@ def train_steps(cfg, layout, full_state: Optional[dict] = None, pipeline_layout:
         losses.append(_global_loss(reduced, layout))
     layers = sorted(layer.layer_number - 1 for c in chunks for layer in getattr(c, "module", c).decoder.layers)
     return {"losses": losses, "grads": grads, "params": full_params(chunks), "initial": initial,
-            "layers": layers, "batch_p2p_comm": tcfg.batch_p2p_comm, "deferred": deferred}
+            "layers": layers, "batch_p2p_comm": tcfg.batch_p2p_comm, "deferred": deferred,
+            "overlap": chunks[0].ddp_config.overlap_grad_reduce, "bucket_groups": len(groups), "in_flight": in_flight}
+
+
+def _count_in_flight(groups) -> list:
+    """Per step, how many bucket groups' reductions the backward had launched before megatron's
+    finish_grad_sync came to wait for them (overlapped), counted in the list this returns."""
+    counts: list = []
+
+    def watch(group):
+        finish = group.finish_grad_sync
+
+        def counted(*args, **kwargs):
+            counts[-1] += group.grad_reduce_handle is not None
+            return finish(*args, **kwargs)
+        group.finish_grad_sync = counted
+
+    for group in groups:
+        watch(group)
+    return counts
 
 
 def _global_loss(reduced: list, layout) -> Optional[float]:

@@ -32,6 +32,14 @@ def test_layout_matches_single_rank(layout):
     assert diff["grad"] <= GRAD_ATOL, diff
     assert diff["param"] <= PARAM_ATOL, diff
     assert all(r["deferred"] == (eq.FUSED in layout.extra) for r in ranks)  # the step path the layout names
+    overlap = "--parallel.overlap_grad_reduce=false" not in layout.extra
+    for r in ranks:
+        assert r["overlap"] == overlap
+        # megatron launches the first step's reductions at its end (it learns which grads each bucket
+        # gets); from then on the backward hooks launch every bucket before the step waits for it
+        assert r["in_flight"] == [0] + [r["bucket_groups"] if overlap else 0] * (eq.STEPS - 1), r["in_flight"]
+    if eq.SMALL_BUCKETS in layout.extra:  # (megatron buckets the first pipeline stage only)
+        assert max(r["bucket_groups"] for r in ranks) > 2, [r["bucket_groups"] for r in ranks]
     if layout.vpp:
         # gloo needs unbatched p2p for interleaved pipelines (see training/builder.py).
         assert not any(r["batch_p2p_comm"] for r in ranks)

@@ -41,6 +41,22 @@ def test_on_a_cpu_it_is_refused_before_training():
         check_supported(cfg, torch.device("cpu"))
 
 
+def test_data_parallel_launches_are_refused_with_the_fix():
+    """Graphs with DP > 1 trained correctly but 2.3x slower than eager (docs/parallel.md): refused at
+    validation when the world size is known, and by the trainer, one line with the fix."""
+    from mod_megatron.config import validate
+    from mod_megatron.training.cuda_graphs import check_supported
+
+    batch = ["--train.micro_batch_size=1", "--train.global_batch_size=4"]
+    cfg = load_config(None, TINY + batch + ["--train.cuda_graphs=true"])
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="data-parallel size 4.*--train.cuda_graphs=false"):
+        validate(cfg, world_size=4)
+    with pytest.raises(ConfigError, match="data-parallel size 2.*--train.cuda_graphs=false"):
+        check_supported(cfg, torch.device("cuda"), dp=2)
+    validate(load_config(None, TINY + batch), world_size=4)  # without graphs the same launch is fine
+
+
 @pytest.mark.skipif(CUDA, reason="CPU tensors only; on a GPU the tests below cover the graphed path")
 def test_wrapped_layers_run_eagerly_where_nothing_can_be_graphed(build_gpt):
     """CPU tensors (and evaluation) go down the eager path unchanged: same loss, same grads."""
@@ -185,10 +201,53 @@ def test_graphs_add_parameter_grads_to_main_grad_as_ddp_does(gpu_process):
 @needs_cuda
 def test_training_with_graphs_follows_training_without(tmp_path):
     """bench_model's worker runs the real Trainer (DDP, megatron optimizer, 2 micro-batches per step)."""
-    runs = tiny_trainer_runs(tmp_path, {g: [f"--train.cuda_graphs={g}"] for g in ("false", "true")})
+    runs = tiny_trainer_runs(tmp_path, {
+        **{g: [f"--train.cuda_graphs={g}"] for g in ("false", "true")},
+        # the backward graphs mark each layer's parameters ready in DDP's buckets (overlapped reduction,
+        # on by default); here in small buckets, and with the reduction after the backward instead
+        "true, small buckets": ["--train.cuda_graphs=true", "--parallel.bucket_size=100000"],
+        "true, reduction after": ["--train.cuda_graphs=true", "--parallel.overlap_grad_reduce=false"]})
     off, on = runs["false"], runs["true"]
+    for other in ("true, small buckets", "true, reduction after"):
+        assert runs[other]["losses"] == pytest.approx(on["losses"], abs=2e-2), other
     assert off["cuda_graph_layers"] == 0 and on["cuda_graph_layers"] == 4
     assert on["cuda_graph_replays"] >= 4 * 2 * 7  # every micro-batch after the capturing one replayed
     assert len(on["losses"]) == len(off["losses"]) == 8
     assert on["losses"] == pytest.approx(off["losses"], abs=2e-2)
     assert len(set(on["losses"])) == 8  # the graphed steps really update the weights
+
+
+def test_grads_ready_launches_the_overlapped_reduction_as_ddps_hook_does(request):
+    """The backward graphs bypass DDP's per-parameter hooks; `ddp_grads_ready` does their bucket
+    bookkeeping instead: once every parameter of a bucket group is marked, its async reduction is in
+    flight before the step's finish_grad_sync. Without overlap there is nothing to do (None)."""
+    from mod_megatron.training.builder import build_model_chunks
+    from mod_megatron.training.cuda_graphs import ddp_grads_ready
+
+    request.getfixturevalue("gpu_process" if CUDA else "megatron_single_rank")  # NCCL on a GPU machine
+    device = torch.device("cuda" if CUDA else "cpu")
+
+    def build(*overrides):
+        cfg = load_config(None, TINY + ["--parallel.bucket_size=4096", *overrides])
+        (chunk,), _ = build_model_chunks(cfg, device)
+        return cfg, chunk
+
+    assert ddp_grads_ready(build("--parallel.overlap_grad_reduce=false")[1]) is None
+    cfg, ddp = build()
+    ready = ddp_grads_ready(ddp)
+    groups = ddp.bucket_groups
+    assert len(groups) > 2
+    params = [p for p in ddp.module.parameters() if p.requires_grad]
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_length)).to(device)
+    positions = torch.arange(cfg.model.seq_length, device=device).expand(2, -1)
+    ddp(tokens, positions, None, labels=tokens.roll(-1, 1)).float().sum().backward()  # step 1: eager, hooks
+    ddp.finish_grad_sync()  # megatron learns each bucket's parameters on the first step
+    ddp.zero_grad_buffer()
+    assert all(g.grad_reduce_handle is None for g in groups)
+    ready(params[: len(params) // 2])
+    launched = sum(g.grad_reduce_handle is not None for g in groups)
+    assert 0 < launched < len(groups)  # only the groups whose parameters are all in
+    ready(params[len(params) // 2:])
+    assert all(g.grad_reduce_handle is not None for g in groups)
+    ddp.finish_grad_sync()
+    assert all(g.grad_reduce_handle is None for g in groups)

@@ -48,6 +48,8 @@ def _backward(cfg, chunks, step: int, device):
     positions = torch.arange(cfg.model.seq_length, device=device).expand(2, -1)
     losses = model(tokens, positions, None, labels=tokens.roll(-1, 1))
     losses.float().sum().backward()
+    for chunk in chunks:  # as megatron's finalize_model_grads does after the schedule's last backward:
+        chunk.finish_grad_sync()  # waits for the reductions the backward hooks launched (overlap_grad_reduce)
 
 
 @pytest.fixture
