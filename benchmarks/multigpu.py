@@ -11,6 +11,9 @@ takes on one node. Three parts, each printing a markdown table:
                with an uninterrupted DP=2 run.
   scaling      a ~1.2B MoD GPT (24 layers, d=2048, S=2048, every other layer at 12.5%) on 1 GPU and
                on 2 GPUs as TP=2, PP=2 and DP=2: tokens/s, per-GPU MFU, scaling efficiency.
+               Layout `dp-after` is DP with the gradient all-reduce after the backward instead of
+               overlapped with it (`--parallel.overlap_grad_reduce=false`); `--extra` adds overrides
+               to every scaling run (e.g. `--extra=--train.cuda_graphs=true`).
 
 `--gpus N` sets the multi-GPU width (default 2; the layouts scale with it: TP=N, PP=N, DP=N, EP=N).
 NCCL's NVLink multicast is kept off (NCCL_NVLS_ENABLE=0) unless the environment already sets it.
@@ -130,12 +133,23 @@ def launch_resume(out: str, n: int) -> dict:
     return res
 
 
-def scaling(out: str, n: int, iters: int = 12, layouts: str = "tp,pp,dp") -> list[dict]:
+SCALING_LAYOUTS = {  # name -> (row label, overrides) at width n
+    "tp": lambda n: (f"TP={n}", [f"--parallel.tp={n}"]),
+    "pp": lambda n: (f"PP={n}", [f"--parallel.pp={n}"]),
+    "dp": lambda n: (f"DP={n}", []),
+    "dp-after": lambda n: (f"DP={n}, all-reduce after the backward", ["--parallel.overlap_grad_reduce=false"]),
+}
+
+
+def scaling(out: str, n: int, iters: int = 12, layouts: str = "tp,pp,dp", extra: tuple = ()) -> list[dict]:
     rows = []
-    runs = [("1 GPU", 1, [])] + [(f"{kind.upper()}={n}", n, [f"--parallel.{kind}={n}"] if kind != "dp" else [])
-                                 for kind in layouts.split(",")]
+    unknown = [k for k in layouts.split(",") if k not in SCALING_LAYOUTS]
+    if unknown:
+        raise RuntimeError(f"unknown scaling layout(s) {unknown}; choose from {', '.join(SCALING_LAYOUTS)}")
+    runs = [("1 GPU", 1, [])] + [(label, n, args) for label, args in (SCALING_LAYOUTS[k](n) for k in layouts.split(","))]
     for name, nproc, args in runs:
-        r = launch(out, f"scale-{name.replace('=', '').replace(' ', '')}", nproc, BIG + [f"--train.iters={iters}"] + args)
+        tag = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+        r = launch(out, f"scale-{tag}", nproc, BIG + [f"--train.iters={iters}", *extra] + args)
         s = r["summary"]
         rows.append({"layout": name, "gpus": nproc, "tokens_per_s": s.get("tokens_per_s"), "mfu": s.get("mfu"),
                      "loss": s.get("train_loss"), "wall_s": r["wall_s"]})
@@ -181,7 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="equivalence steps")
     p.add_argument("--scaling-iters", type=int, default=12)
-    p.add_argument("--layouts", default="tp,pp,dp", help="scaling: comma-separated subset of tp,pp,dp")
+    p.add_argument("--layouts", default="tp,pp,dp", help="scaling: comma-separated subset of " + ",".join(SCALING_LAYOUTS))
+    p.add_argument("--extra", action="append", default=[], help="scaling: an override added to every run (repeatable)")
     p.add_argument("--families", default="MoD,MoDE", help="equivalence: MoD and/or MoDE")
     p.add_argument("--only", default="", help="equivalence: only these layouts, e.g. 'TP=2+SP,EP=2'")
     a = p.parse_args(argv)
@@ -204,7 +219,8 @@ def main(argv=None) -> int:
             elif part == "launch":
                 res[part] = launch_resume(a.out, a.gpus)
             else:
-                res[part] = scaling(a.out, a.gpus, a.scaling_iters, a.layouts)
+                res[part] = scaling(a.out, a.gpus, a.scaling_iters, a.layouts, tuple(a.extra))
+                res["scaling_extra"] = a.extra
         except RuntimeError as e:
             print(f"error: {part}: {e}", file=sys.stderr, flush=True)
             rc = 1
