@@ -66,7 +66,10 @@ def ds_config(cfg, dtype: torch.dtype, num_microbatches: int) -> dict:
             # torch's AdamW: no JIT-compiled fused kernel needed (DeepSpeed would build one on first use).
             "torch_adam": True}},
         "gradient_clipping": t.clip_grad,
-        "zero_optimization": {"stage": t.zero_stage},
+        # parallel.overlap_grad_reduce: ZeRO reduces gradients bucket by bucket during the backward
+        # (DeepSpeed's own default for stages 1-2 is after it); parallel.bucket_size: elements per bucket
+        "zero_optimization": {"stage": t.zero_stage, "overlap_comm": cfg.parallel.overlap_grad_reduce,
+                              **({"reduce_bucket_size": cfg.parallel.bucket_size} if cfg.parallel.bucket_size else {})},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,

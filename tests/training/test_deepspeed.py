@@ -18,9 +18,10 @@ COMMON = ["--train.iters=6", "--train.eval_interval=0", "--train.eval_iters=1", 
 def test_zero1_and_zero2_match_megatron_engine_dp2(tmp_path, prepared):
     ref = dict(scalars(run_ranks(tmp_path, prepared, "megatron", *COMMON), "train/loss"))
     assert sorted(ref) == list(range(1, 7))
-    for stage in (1, 2):
-        log = run_ranks(tmp_path, prepared, f"zero{stage}", *COMMON, "--train.engine=deepspeed",
-                        f"--train.zero_stage={stage}")
+    # ZeRO-2 also in 20k-element buckets: many reductions overlapped with the backward (overlap_comm)
+    for stage, extra in ((1, ()), (2, ()), (2, ("--parallel.bucket_size=20000",))):
+        log = run_ranks(tmp_path, prepared, f"zero{stage}{'-buckets' if extra else ''}", *COMMON,
+                        "--train.engine=deepspeed", f"--train.zero_stage={stage}", *extra)
         got = dict(scalars(log, "train/loss"))
         assert sorted(got) == sorted(ref)
         diff = max(abs(got[i] - ref[i]) for i in ref)
@@ -86,3 +87,18 @@ def test_from_deepspeed_refuses_a_megatron_checkpoint(tmp_path, prepared):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "not a DeepSpeed checkpoint" in err[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_gradient_reduction_settings_reach_zero():
+    """parallel.overlap_grad_reduce -> ZeRO's overlap_comm (on by default, as for megatron's DDP);
+    parallel.bucket_size -> reduce_bucket_size (DeepSpeed's default when null)."""
+    import torch
+
+    from mod_megatron.config import load_config
+    from mod_megatron.training.ds_engine import ds_config
+
+    zero = ds_config(load_config(None, ["--train.engine=deepspeed"]), torch.float32, 1)["zero_optimization"]
+    assert zero["overlap_comm"] is True and "reduce_bucket_size" not in zero
+    zero = ds_config(load_config(None, ["--train.engine=deepspeed", "--parallel.overlap_grad_reduce=false",
+                                        "--parallel.bucket_size=5000"]), torch.float32, 1)["zero_optimization"]
+    assert zero["overlap_comm"] is False and zero["reduce_bucket_size"] == 5000
