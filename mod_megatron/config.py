@@ -153,6 +153,9 @@ class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
+    # [first, last]: trace those iterations with torch.profiler -> <dir>/profile/rank<R>.{json,txt}
+    profile_steps: Optional[list] = None
+    profile_ranks: list = field(default_factory=lambda: [0])  # global ranks that trace
 
 
 @dataclass
@@ -367,6 +370,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.exit_interval >= 0, f"train.exit_interval must be >= 0 (0 = run to train.iters), got {t.exit_interval}")
     _check(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval must be >= 0 (0 = only at the end)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+    steps = cfg.logging.profile_steps
+    if steps is not None:
+        _check(isinstance(steps, list) and len(steps) == 2 and all(type(i) is int for i in steps) and 1 <= steps[0] <= steps[1],
+               f"logging.profile_steps must be [first, last] iterations with 1 <= first <= last "
+               f"(e.g. --logging.profile_steps=[20,22]), got {steps!r}")
+    _check(isinstance(cfg.logging.profile_ranks, list) and all(type(r) is int and r >= 0 for r in cfg.logging.profile_ranks),
+           f"logging.profile_ranks must be a list of global ranks (e.g. [0] or [0,3]), got {cfg.logging.profile_ranks!r}")
     _check(t.nan_policy in ("skip", "stop"), f"train.nan_policy must be skip or stop, got {t.nan_policy!r}")
     _check(t.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0 (0 = stop at the first), got {t.max_skipped_steps}")
     if t.cuda_graphs:

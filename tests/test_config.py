@@ -112,6 +112,11 @@ def test_capacity_one_is_allowed():
     (["--model.num_layers=4", "--parallel.pp=2", "--parallel.vpp=3"], "pp*vpp=6"),
     (["--parallel.pp=2", "--parallel.vpp=1"], "parallel.vpp=1"),
     (["--train.global_batch_size=12"], "global_batch_size"),
+    (["--parallel.bucket_size=0"], "parallel.bucket_size must be a positive number"),
+    (["--logging.profile_steps=[5,2]"], "logging.profile_steps must be [first, last]"),
+    (["--logging.profile_steps=[0,2]"], "1 <= first <= last"),
+    (["--logging.profile_steps=7"], "--logging.profile_steps=[20,22]"),
+    (["--logging.profile_ranks=0"], "logging.profile_ranks must be a list"),
 ])
 def test_inconsistent_values(overrides, needle):
     assert needle in _error(load_config, None, overrides)

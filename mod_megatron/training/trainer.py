@@ -34,6 +34,7 @@ from mod_megatron.training.builder import build_model_chunks, build_optimizer, p
 from mod_megatron.training.distributed import Layout
 from mod_megatron.training.flops import peak_flops, train_flops_per_token
 from mod_megatron.training.logger import RunLogger
+from mod_megatron.training.profiling import StepProfiler
 from mod_megatron.moe.stats import moe_stats
 
 
@@ -364,9 +365,16 @@ class Trainer:
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
         window_t0, window_steps = time.time(), 0
         stop_at = min(t.iters, self.iteration + t.exit_interval) if t.exit_interval else t.iters
+        lg = cfg.logging
+        profiler = StepProfiler(lg.profile_steps, lg.profile_ranks, self.layout.rank, lg.dir, self.device)
         while self.iteration < stop_at:
+            profiler.before(self.iteration + 1)
             out = self.train_step(it)
             self.iteration += 1
+            written = profiler.after(self.iteration) or (profiler.close() if self.iteration == stop_at else None)
+            if written:
+                self.log.info(f"profile: iterations {lg.profile_steps[0]}-{min(lg.profile_steps[1], self.iteration)} "
+                              f"traced -> {written[0]} (+ .txt table)")
             if self.graphs and not self._graphs_reported:
                 self._graphs_reported = True
                 layers = sum(len(g.layers) for g in self.graphs if g.graphed)
@@ -407,6 +415,7 @@ class Trainer:
             self.log.advance(1, {"loss": out["loss"]} if out["loss"] is not None else None)
             if self._any_rank_signalled():
                 self.log.info(f"signal received: saving checkpoint and exiting at iteration {self.iteration}")
+                profiler.close()  # what was traced so far
                 path = self.save()
                 self.log.close()
                 return {"iteration": self.iteration, "interrupted": True, "checkpoint": path,

@@ -138,3 +138,19 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, prepared):
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "another model shape" in err[0] and "hidden_size" in err[0], proc.stderr
+
+
+def test_profile_steps_write_a_trace_and_a_table(tmp_path, prepared):
+    """logging.profile_steps=[2,3]: rank 0 traces iterations 2 and 3 only (one `iteration#N` range each
+    in the Chrome trace), ranks its ops in a table, and says where it wrote them."""
+    proc = run_train(tmp_path, prepared, "--train.iters=4", "--train.eval_interval=0",
+                     "--logging.profile_steps=[2,3]")
+    out_dir = tmp_path / "run" / "profile"
+    assert sorted(os.listdir(out_dir)) == ["rank0.json", "rank0.txt"]
+    trace = json.loads((out_dir / "rank0.json").read_text())
+    steps = sorted({e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("iteration#")})
+    assert steps == ["iteration#2", "iteration#3"], steps
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])  # the model's matmuls are in it
+    table = (out_dir / "rank0.txt").read_text()
+    assert table.startswith("# steps 2-3, rank 0") and "aten::" in table
+    assert f"profile: iterations 2-3 traced -> {out_dir / 'rank0.json'}" in proc.stdout + proc.stderr
