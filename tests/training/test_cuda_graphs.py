@@ -57,6 +57,15 @@ def test_data_parallel_launches_are_refused_with_the_fix():
     validate(load_config(None, TINY + batch), world_size=4)  # without graphs the same launch is fine
 
 
+def test_the_data_parallel_refusal_can_be_lifted_to_measure_it(monkeypatch):
+    from mod_megatron.config import validate
+    from mod_megatron.training.cuda_graphs import ALLOW_DP_ENV
+
+    monkeypatch.setenv(ALLOW_DP_ENV, "1")
+    validate(load_config(None, TINY + ["--train.micro_batch_size=1", "--train.global_batch_size=4",
+                                       "--train.cuda_graphs=true"]), world_size=4)
+
+
 @pytest.mark.skipif(CUDA, reason="CPU tensors only; on a GPU the tests below cover the graphed path")
 def test_wrapped_layers_run_eagerly_where_nothing_can_be_graphed(build_gpt):
     """CPU tensors (and evaluation) go down the eager path unchanged: same loss, same grads."""
