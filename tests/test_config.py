@@ -113,6 +113,7 @@ def test_capacity_one_is_allowed():
     (["--parallel.pp=2", "--parallel.vpp=1"], "parallel.vpp=1"),
     (["--train.global_batch_size=12"], "global_batch_size"),
     (["--parallel.bucket_size=0"], "parallel.bucket_size must be a positive number"),
+    (["--parallel.overlap_param_gather=true"], "needs --train.distributed_optimizer=true"),
     (["--logging.profile_steps=[5,2]"], "logging.profile_steps must be [first, last]"),
     (["--logging.profile_steps=[0,2]"], "1 <= first <= last"),
     (["--logging.profile_steps=7"], "--logging.profile_steps=[20,22]"),

@@ -67,6 +67,7 @@ def build_model_chunks(cfg: Config, device: torch.device, wrap_ddp: bool = True,
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=cfg.train.distributed_optimizer,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
         bucket_size=cfg.parallel.bucket_size,
         check_for_nan_in_grad=False,
     )
@@ -103,6 +104,7 @@ def build_optimizer(cfg: Config, chunks, dtype: torch.dtype):
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
         use_distributed_optimizer=t.distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
     if t.distributed_optimizer:
         platform.distributed_optimizer_with_torch_adam()
@@ -127,3 +129,12 @@ def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
         wd_incr_steps=t.iters,
         wd_incr_style="constant",
     )
+
+
+def gather_params(chunks) -> None:
+    """Finish every parameter all-gather the distributed optimizer's last step left to the next forward
+    (parallel.overlap_param_gather), so the model parameters are current before anything reads them
+    outside a forward (a checkpoint save). A no-op otherwise."""
+    for chunk in chunks:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)

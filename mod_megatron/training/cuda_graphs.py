@@ -63,6 +63,9 @@ def unsupported(cfg) -> Optional[str]:
                 "set --mod.capacity_warmup_iters=0 or --train.cuda_graphs=false")
     if cfg.model.dropout > 0:
         return "train.cuda_graphs needs model.dropout=0 (dropout's RNG is not captured); set --model.dropout=0"
+    if cfg.parallel.overlap_param_gather:
+        return ("train.cuda_graphs cannot wait for overlapped parameter all-gathers (a replay skips the forward "
+                "hooks that do); use --parallel.overlap_param_gather=false with graphs")
     return None
 
 

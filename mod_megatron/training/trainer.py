@@ -30,7 +30,7 @@ from mod_megatron.training import checkpoint as ckpt
 from mod_megatron.training import fused_adam
 from mod_megatron.training import numerics
 from mod_megatron.training import optimizer_step
-from mod_megatron.training.builder import build_model_chunks, build_optimizer, param_dtype
+from mod_megatron.training.builder import build_model_chunks, build_optimizer, gather_params, param_dtype
 from mod_megatron.training.distributed import Layout
 from mod_megatron.training.flops import peak_flops, train_flops_per_token
 from mod_megatron.training.logger import RunLogger
@@ -210,6 +210,7 @@ class Trainer:
         return meta
 
     def save(self) -> str:
+        gather_params(self.chunks)  # parallel.overlap_param_gather: the model params of the last step
         meta = dict(self.meta, config=self.cfg.to_dict(), consumed_samples=self.consumed_samples,
                     layout={"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
                             "ep": self.cfg.moe.ep, "vpp": self.cfg.parallel.vpp})

@@ -72,7 +72,7 @@ def _train(cfg, layout, tokenizer: str):
 
 
 def make_checkpoint(root: Path, *overrides: str, world_size: int = 1, tp: int = 1, pp: int = 1, ep: int = 1,
-                    iters: int = 2, ckpt_dir=None, losses: Optional[list] = None) -> Path:
+                    iters: int = 2, ckpt_dir=None, losses: Optional[list] = None, dp_opt: bool = False) -> Path:
     """Train `iters` steps at the layout; return the checkpoint root (root/ckpt unless `ckpt_dir`, e.g.
     a converted checkpoint to continue from). `losses` receives the per-step training losses."""
     root.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def make_checkpoint(root: Path, *overrides: str, world_size: int = 1, tp: int = 
     # run_layout's ranks are daemonic and megatron's checkpoint writer starts child processes, so ranks
     # that save run through the conversion's own launcher (same fork-based scheme, not daemonic).
     results = run_ranks(partial(_train, tokenizer=str(tokenizer)), world_size,
-                        args + layout_overrides(tp, pp, sp=sp, ep=ep))
+                        args + layout_overrides(tp, pp, sp=sp, ep=ep, dp_opt=dp_opt))
     if losses is not None:
         losses.extend(results[-1])  # the last rank is on the last pipeline stage
     return Path(ckpt_dir)

@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mod_megatron.config import load_config
 from mod_megatron.training import optimizer_step
-from mod_megatron.training.builder import build_model_chunks, build_optimizer, param_dtype
+from mod_megatron.training.builder import build_model_chunks, build_optimizer, gather_params, param_dtype
 from tests.distributed.spawn import run_layout
 
 STEPS = 3
@@ -48,6 +48,7 @@ VARIANTS = {"base": [], "mod_every_layer": ["--mod.every=1"], "odd_capacity": ["
 
 FUSED = "--train.fused_optimizer=on"
 SMALL_BUCKETS = "--parallel.bucket_size=8192"  # the tiny model's ~100k parameters in ~12 buckets
+PARAM_GATHER = "--parallel.overlap_param_gather=true"
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ LAYOUTS = [
     Layout("DP=2, 8k-parameter buckets", 2, extra=(SMALL_BUCKETS,)),
     Layout("DP=2 distributed optimizer, 8k-parameter buckets", 2, dp_opt=True, extra=(SMALL_BUCKETS,)),
     Layout("PP=2 x DP=2, 8k-parameter buckets", 4, pp=2, extra=(SMALL_BUCKETS,)),
+    # the distributed optimizer's parameter all-gather left to the next forward, bucket by bucket
+    Layout("DP=2 distributed optimizer, overlapped param gather", 2, dp_opt=True, extra=(SMALL_BUCKETS, PARAM_GATHER)),
+    Layout("PP=2 x DP=2 distributed optimizer, overlapped param gather, fused AdamW queued", 4, pp=2, dp_opt=True,
+           extra=(SMALL_BUCKETS, PARAM_GATHER, FUSED)),
 ]
 BY_NAME = {layout.name: layout for layout in LAYOUTS}
 
@@ -205,6 +210,7 @@ def train_steps(cfg, layout, full_state: Optional[dict] = None, pipeline_layout:
     losses, grads = [], []
     groups = [g for c in chunks for g in c.bucket_groups + c.expert_parallel_bucket_groups]
     in_flight = _count_in_flight(groups)
+    gathered = []
     for _ in range(STEPS):
         for chunk in chunks:
             chunk.train()
@@ -223,10 +229,12 @@ def train_steps(cfg, layout, full_state: Optional[dict] = None, pipeline_layout:
         else:
             ok, _, _ = optimizer.step()
             assert ok, "optimizer step skipped"
+        gathered.append(any(g.param_gather_dispatched for g in groups))  # did the step all-gather parameters?
         scheduler.step(increment=1)
         losses.append(_global_loss(reduced, layout))
     layers = sorted(layer.layer_number - 1 for c in chunks for layer in getattr(c, "module", c).decoder.layers)
-    return {"losses": losses, "grads": grads, "params": full_params(chunks), "initial": initial,
+    gather_params(chunks)  # what the trainer does before a checkpoint: the last step's parameters
+    return {"losses": losses, "grads": grads, "params": full_params(chunks), "initial": initial, "gathered": gathered,
             "layers": layers, "batch_p2p_comm": tcfg.batch_p2p_comm, "deferred": deferred,
             "overlap": chunks[0].ddp_config.overlap_grad_reduce, "bucket_groups": len(groups), "in_flight": in_flight}
 

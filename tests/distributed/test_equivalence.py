@@ -38,6 +38,8 @@ def test_layout_matches_single_rank(layout):
         # megatron launches the first step's reductions at its end (it learns which grads each bucket
         # gets); from then on the backward hooks launch every bucket before the step waits for it
         assert r["in_flight"] == [0] + [r["bucket_groups"] if overlap else 0] * (eq.STEPS - 1), r["in_flight"]
+    if layout.dp_opt:  # the step all-gathers the parameters itself, or leaves it to the next forward's hooks
+        assert all(r["gathered"] == [eq.PARAM_GATHER not in layout.extra] * eq.STEPS for r in ranks)
     if eq.SMALL_BUCKETS in layout.extra:  # (megatron buckets the first pipeline stage only)
         assert max(r["bucket_groups"] for r in ranks) > 2, [r["bucket_groups"] for r in ranks]
     if layout.vpp:

@@ -25,7 +25,8 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
     (["--mod.capacity_warmup_iters=10"], "capacity_warmup_iters=0"),
     (["--model.dropout=0.1"], "model.dropout=0"),
     (["--train.engine=deepspeed"], "train.engine=megatron"),
-], ids=["pp", "tp", "moe", "capacity-warmup", "dropout", "deepspeed"])
+    (["--train.distributed_optimizer=true", "--parallel.overlap_param_gather=true"], "overlap_param_gather=false"),
+], ids=["pp", "tp", "moe", "capacity-warmup", "dropout", "deepspeed", "overlap-param-gather"])
 def test_unsupported_settings_are_refused_with_the_fix(overrides, needle):
     with pytest.raises(ConfigError, match="train.cuda_graphs") as err:
         load_config(None, TINY + ["--train.cuda_graphs=true", *overrides])
