@@ -11,29 +11,21 @@ configs' attention at micro-batch 16 / 8. A backend that cannot run a shape prin
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_block import time_fn  # noqa: E402  (after the path line)
 
 BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
 def _time(fn, iters: int, warmup: int, cuda: bool) -> float:
-    """Best of 3 rounds of `iters` calls, ms per call."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(3):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) * 1e3 / iters)
-    return best
+    """Best of 3 rounds of `iters` calls (the first after `warmup` more), ms per call."""
+    return min(time_fn(fn, warmup if i == 0 else 0, iters, cuda) for i in range(3))
 
 
 def measure(shape, backend: str, device: str, iters: int = 20, warmup: int = 5) -> dict:
