@@ -29,6 +29,7 @@ replay rewrites, so they describe the latest micro-batch as in eager mode.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -208,8 +209,6 @@ def data_parallel_refusal(dp: int) -> Optional[str]:
 
     Correct, but slow: a 1.2B MoD GPT at DP=4 on 4 H200s ran 118k tokens/s graphed against 271k eager
     (docs/parallel.md); until the cause is found a launch does not pay for it unasked."""
-    import os
-
     if dp <= 1 or os.environ.get(ALLOW_DP_ENV) == "1":
         return None
     return (f"train.cuda_graphs is for one model replica per launch for now (this launch has data-parallel "
