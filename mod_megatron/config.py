@@ -92,7 +92,7 @@ class ParallelConfig:
     # Data-parallel gradient reduction in buckets, each launched (async) as soon as the backward has
     # produced all of its gradients, overlapping the rest of the backward; off = one reduction after it.
     overlap_grad_reduce: bool = True
-    bucket_size: Optional[int] = None  # parameters per bucket (None: megatron's max(40M, 1M * dp))
+    bucket_size: Optional[int] = None  # parameter elements per bucket (None: megatron's max(40M, 1M * dp))
     # With train.distributed_optimizer: each bucket's parameter all-gather after the step runs async and
     # is waited for by the next forward where it first reads that bucket (off: one all-gather in the step)
     overlap_param_gather: bool = False
@@ -337,7 +337,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.sp:
         _check(m.seq_length % p.tp == 0, f"parallel.sp needs model.seq_length ({m.seq_length}) divisible by parallel.tp ({p.tp})")
     _check(p.bucket_size is None or p.bucket_size >= 1,
-           f"parallel.bucket_size must be a positive number of parameters (or null for megatron's default), got {p.bucket_size}")
+           f"parallel.bucket_size must be a positive number of parameter elements (or null for megatron's default), got {p.bucket_size}")
     _check(not p.overlap_param_gather or (t.distributed_optimizer and t.engine == "megatron"),
            "parallel.overlap_param_gather needs --train.distributed_optimizer=true (megatron engine): only the "
            "distributed optimizer all-gathers parameters after its step")
