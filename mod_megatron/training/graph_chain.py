@@ -161,10 +161,10 @@ def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iter
         if grads[0] is None:
             raise RuntimeError("train.cuda_graphs: a layer's output does not depend on its input")
         link.bwd, link.grad_in, link.returned_grads = graph, grads[0], grads[1:1 + len(link.returned)]
-        pairs = [(p.main_grad, g) for p, g in zip(link.accumulated, grads[1 + len(link.returned):]) if g is not None]
-        if pairs:  # the address tables are made here, between captures, from the gradients' fixed memory
-            link.adder = _adder([d for d, _ in pairs], [g for _, g in pairs])
-            link.added = tuple(p for p, g in zip(link.accumulated, grads[1 + len(link.returned):]) if g is not None)
+        got = [(p, g) for p, g in zip(link.accumulated, grads[1 + len(link.returned):]) if g is not None]
+        if got:  # the address tables are made here, between captures, from the gradients' fixed memory
+            link.adder = _adder([p.main_grad for p, _ in got], [g for _, g in got])
+            link.added = tuple(p for p, _ in got)
             link.acc = torch.cuda.CUDAGraph()
             with torch.cuda.graph(link.acc, pool=pool):
                 link.adder.run_all()  # as DDP's hook would
