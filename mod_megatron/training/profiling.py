@@ -31,6 +31,7 @@ class StepProfiler:
         self.out_dir = os.path.join(log_dir, "profile")
         self.prof = None
         self.range = None  # the record_function range of the iteration being traced
+        self.traced_last: Optional[int] = None  # the last iteration traced so far
         self.written: Optional[tuple] = None  # (trace path, table path) once written
 
     def before(self, iteration: int) -> None:
@@ -45,15 +46,20 @@ class StepProfiler:
             self.prof.__enter__()
         self.range = record_function(f"iteration#{iteration}")
         self.range.__enter__()
+        self.traced_last = iteration
 
-    def after(self, iteration: int) -> Optional[tuple]:
-        """Call after `iteration` ran; returns the paths written when this was the last traced one."""
-        if self.prof is None:
-            return None
+    def _end_range(self) -> None:
         if self.range is not None:
             self.range.__exit__(None, None, None)
             self.range = None
-        return self.close() if iteration >= self.last else None
+
+    def after(self, iteration: int, stop_at: Optional[int] = None) -> Optional[tuple]:
+        """Call after `iteration` ran (`stop_at`: the run's last iteration); returns the paths written when
+        tracing ended here: the last traced iteration, or the run's last one before it."""
+        if self.prof is None:
+            return None
+        self._end_range()
+        return self.close() if iteration >= self.last or iteration == stop_at else None
 
     def close(self) -> Optional[tuple]:
         """Stop and write what was traced (also when training ends before the last traced step)."""
@@ -61,9 +67,7 @@ class StepProfiler:
             return None
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        if self.range is not None:
-            self.range.__exit__(None, None, None)
-            self.range = None
+        self._end_range()
         prof, self.prof = self.prof, None
         prof.__exit__(None, None, None)
         os.makedirs(self.out_dir, exist_ok=True)
@@ -72,7 +76,7 @@ class StepProfiler:
         prof.export_chrome_trace(trace)
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         with open(table, "w") as f:
-            f.write(f"# steps {self.first}-{self.last}, rank {self.rank}, sorted by {key}\n")
+            f.write(f"# steps {self.first}-{self.traced_last}, rank {self.rank}, sorted by {key}\n")
             f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90) + "\n")
         self.written = (trace, table)
         return self.written

@@ -372,10 +372,10 @@ class Trainer:
             profiler.before(self.iteration + 1)
             out = self.train_step(it)
             self.iteration += 1
-            written = profiler.after(self.iteration) or (profiler.close() if self.iteration == stop_at else None)
+            written = profiler.after(self.iteration, stop_at)
             if written:
-                self.log.info(f"profile: iterations {lg.profile_steps[0]}-{min(lg.profile_steps[1], self.iteration)} "
-                              f"traced -> {written[0]} (+ .txt table)")
+                self.log.info(f"profile: iterations {profiler.first}-{profiler.traced_last} traced -> {written[0]} "
+                              "(+ .txt table)")
             if self.graphs and not self._graphs_reported:
                 self._graphs_reported = True
                 layers = sum(len(g.layers) for g in self.graphs if g.graphed)

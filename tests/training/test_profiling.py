@@ -41,6 +41,18 @@ def test_other_ranks_do_not_trace(tmp_path):
 def test_a_run_that_ends_early_keeps_what_was_traced(tmp_path):
     prof = StepProfiler([2, 10], [0], 0, str(tmp_path), torch.device("cpu"))
     assert _run(prof, 3) == [None] * 3
-    trace, _ = prof.close()
+    trace, table = prof.close()
     assert _iterations(trace) == ["iteration#2", "iteration#3"]
+    assert open(table).read().startswith("# steps 2-3, rank 0")  # what was traced, not what was asked
     assert prof.close() is None  # closed once
+
+
+def test_the_runs_last_iteration_ends_the_trace(tmp_path):
+    prof = StepProfiler([2, 10], [0], 0, str(tmp_path), torch.device("cpu"))
+    prof.before(2)
+    assert prof.after(2, stop_at=4) is None
+    prof.before(3)
+    assert prof.after(3, stop_at=4) is None
+    prof.before(4)
+    trace, _ = prof.after(4, stop_at=4)
+    assert _iterations(trace) == ["iteration#2", "iteration#3", "iteration#4"]
