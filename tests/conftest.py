@@ -47,6 +47,12 @@ def gpu_process():
     init_single_process(seed=0)
 
 
+# The tiny MoD GPT of the GPU trainer tests (overrides on bench_model's gpt-125m-mod): 2 micro-batches per step.
+TINY_TRAINER = ["--model.num_layers=4", "--model.hidden_size=256", "--model.num_attention_heads=4",
+                "--model.seq_length=256", "--model.vocab_size=512", "--train.micro_batch_size=4",
+                "--train.global_batch_size=8"]
+
+
 def tiny_trainer_runs(tmp_path, variants: dict) -> dict:
     """{name: overrides} -> {name: bench_model's JSON result}: the real Trainer (DDP, megatron optimizer,
     2 micro-batches per step) on a tiny MoD GPT, 2 warm-up + 6 timed steps, once per variant (GPU tests)."""
@@ -55,14 +61,11 @@ def tiny_trainer_runs(tmp_path, variants: dict) -> dict:
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    tiny = ["--model.num_layers=4", "--model.hidden_size=256", "--model.num_attention_heads=4",
-            "--model.seq_length=256", "--model.vocab_size=512", "--train.micro_batch_size=4",
-            "--train.global_batch_size=8"]
     runs = {}
     for name, overrides in variants.items():
         out = tmp_path / f"{name}.json"
         subprocess.run([sys.executable, "benchmarks/bench_model.py", "--configs", "gpt-125m-mod", "--warmup=2",
-                        "--iters=6", f"--json={out}", *tiny, *overrides],
+                        "--iters=6", f"--json={out}", *TINY_TRAINER, *overrides],
                        cwd=repo, check=True, timeout=600, capture_output=True)
         (runs[name],) = json.loads(out.read_text())
     return runs

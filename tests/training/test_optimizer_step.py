@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import TINY, seed_all
+from tests.conftest import TINY, TINY_TRAINER, seed_all
 
 from mod_megatron.training import fused_adam, optimizer_step
 
@@ -208,9 +208,7 @@ def test_gpu_steps_read_before_the_update_and_train_as_before():
 import json, sys, torch
 sys.path.insert(0, ".")
 from benchmarks.bench_model import random_token_trainer
-tiny = ["--model.num_layers=4", "--model.hidden_size=256", "--model.num_attention_heads=4", "--model.seq_length=256",
-        "--model.vocab_size=512", "--train.micro_batch_size=4", "--train.global_batch_size=8", "--train.warmup_iters=0"]
-with random_token_trainer("gpt-125m-mod", tiny + sys.argv[2:], 6) as (cfg, trainer, batches):
+with random_token_trainer("gpt-125m-mod", sys.argv[2:], 6) as (cfg, trainer, batches):
     trainer.read_before_update = sys.argv[1] == "1"
     outs, moved = [], []
     for _ in range(4):
@@ -224,8 +222,8 @@ with random_token_trainer("gpt-125m-mod", tiny + sys.argv[2:], 6) as (cfg, train
 '''
 
     def run(early, *overrides):
-        out = subprocess.run([sys.executable, "-c", script, "1" if early else "0", *overrides], capture_output=True,
-                             text=True, timeout=600)
+        out = subprocess.run([sys.executable, "-c", script, "1" if early else "0", *TINY_TRAINER,
+                              "--train.warmup_iters=0", *overrides], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
         return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
