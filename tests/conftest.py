@@ -25,7 +25,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def megatron_single_rank():
-    """Initialise torch.distributed (gloo, world size 1) and megatron's TP=PP=1 state once; reuse it."""
+    """Initialise torch.distributed (gloo, world size 1) and megatron's TP=PP=1 state once; reuse it.
+    On a GPU machine CUDA tensors go to NCCL (`gpu_process` reuses this group for the GPU tests)."""
     from mod_megatron import platform
 
     platform.apply()
@@ -33,7 +34,8 @@ def megatron_single_rank():
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(1, 1)
     yield

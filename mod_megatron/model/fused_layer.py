@@ -9,9 +9,10 @@ layer is one function of its input and its parameters,
     y = h + fc2(act(fc1(norm2(h))))                    act: GeLU, or SwiGLU (gated)
 
 which `torch.compile` turns into a few fused kernels around the matmuls and flash attention, forward
-and backward. The parameters stay megatron's own modules' (`linear_qkv.weight`, ...): checkpoints,
-DDP, the optimizer and the spec are unchanged, and the MoD layer (model/mod_layer.py) runs its whole
-routed forward (router, top-k, gather, this layer, combine, aux losses) as one compiled function too.
+and backward; the residual adds are the output GEMMs' own (addmm with the residual as C). The
+parameters stay megatron's own modules' (`linear_qkv.weight`, ...): checkpoints, DDP, the optimizer
+and the spec are unchanged, and the MoD layer (model/mod_layer.py) runs its whole routed forward
+(router, top-k, gather, this layer, combine, aux losses) as one compiled function too.
 
 `fused_reason(layer)` says why a layer can't take this path (tensor or sequence parallelism, MoE,
 dropout, biases, other attention cores or norms, ...); such a layer, and any call with arguments the
@@ -61,20 +62,49 @@ def _linear(x, w):
     return _Linear.apply(x, w)
 
 
+class _LinearResidual(torch.autograd.Function):
+    """res + x @ w.T as one GEMM, the residual as its C operand (cuBLAS's beta = 1), rounded once.
+
+    PyTorch's addmm copies res into the output first (a memcpy), then the GEMM adds into it: about the
+    bytes of the GEMM writing x @ w.T and a compiled add reading both back, yet the dense 368M model
+    trained 0.7-0.9% faster this way on an H100 (docs/benchmarks.md, ninth session). The residual's
+    gradient is the output's; x's and w's are _Linear's."""
+
+    @staticmethod
+    def forward(ctx, res, x, w):
+        ctx.save_for_backward(x, w)
+        n = w.shape[0]
+        return torch.addmm(res.reshape(-1, n), x.reshape(-1, x.shape[-1]), w.t()).view(res.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+        return grad, grad.matmul(w), grad_w
+
+
+def _residual_linear(res, x, w):
+    """res + x @ w.T (the residual added inside the GEMM)."""
+    return _LinearResidual.apply(res, x, w)
+
+
 def _norm(x, weight, bias, eps: float, kind: str):
     if kind == "RMSNorm":
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def block(x, params, rope, meta: tuple):
+def block(x, params, rope, meta: tuple, residual_gemm: bool = True):
     """The layer's output for input x [s, b, H] (megatron's TransformerLayer forward, no dropout/bias).
 
     params: (norm1 weight, norm1 bias, qkv weight, proj weight, norm2 weight, norm2 bias, fc1 weight,
     fc2 weight), biases None for RMSNorm; rope: (q_cos, q_sin, k_cos, k_sin) [s, 1|b, 1, rot] in x's
     dtype (`rope_tables`), or None; meta: (norm kind, eps, query groups, query heads per group, head dim,
-    softmax scale, activation).
+    softmax scale, activation); residual_gemm: add the residuals inside the output GEMMs (_LinearResidual),
+    or as adds the compiler fuses (the routed layers: there, on gathered rows, inductor warned once per
+    compiled shape on a GPU, "Constructing input/output tensor meta failed for Extern Choice").
     """
+    add = _residual_linear if residual_gemm else (lambda res, a, w: res + _linear(a, w))
     n1w, n1b, qkv_w, proj_w, n2w, n2b, fc1_w, fc2_w = params
     norm, eps, groups, per_group, head_dim, scale, act = meta
     s, b, _ = x.shape
@@ -86,14 +116,14 @@ def block(x, params, rope, meta: tuple):
         q, k = rotate_cos_sin(q, rope[0], rope[1]), rotate_cos_sin(k, rope[2], rope[3])
     o = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
                                        is_causal=s > 1, scale=scale, enable_gqa=groups != groups * per_group)
-    h = x + _linear(o.permute(2, 0, 1, 3).reshape(s, b, -1), proj_w)  # [b, heads, s, d] -> [s, b, H]
+    h = add(x, o.permute(2, 0, 1, 3).reshape(s, b, -1), proj_w)  # [b, heads, s, d] -> [s, b, H]
     f = _linear(_norm(h, n2w, n2b, eps, norm), fc1_w)
     if act == "swiglu":
         gate, lin = torch.chunk(f, 2, dim=-1)
         f = F.silu(gate) * lin
     else:
         f = F.gelu(f)
-    return h + _linear(f, fc2_w)
+    return add(h, f, fc2_w)
 
 
 def rope_tables(rotary_pos_emb, dtype: torch.dtype):

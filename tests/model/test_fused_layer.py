@@ -213,3 +213,13 @@ def test_fused_functions_trace_as_one_graph_each(build_gpt, monkeypatch):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_token_sum_is_the_router_weight_gradient_and_a_well_formed_op():
+    """The router weight's gradient op (model/fused_mod.py: token_sum) sums g[t] * x[t] over tokens, and
+    passes torch.library's checks of a custom op (schema, fake shapes, autograd registration)."""
+    from mod_megatron.model.fused_mod import token_sum
+
+    x, g = torch.randn(37, 11, dtype=torch.float64), torch.randn(37, dtype=torch.float64)
+    torch.testing.assert_close(token_sum(x, g), (g[:, None] * x).sum(0))
+    torch.library.opcheck(token_sum, (x.float(), g.float()))
