@@ -53,9 +53,12 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
-        return grad.matmul(w), grad_w
+        return _linear_grads(grad, *ctx.saved_tensors)
+
+
+def _linear_grads(grad, x, w):
+    """(grad of x, grad of w) of x @ w.T, dW = dY^T X in the weight's [out, in] layout."""
+    return grad.matmul(w), grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
 
 
 def _linear(x, w):
@@ -67,7 +70,7 @@ class _LinearResidual(torch.autograd.Function):
 
     PyTorch's addmm copies res into the output first (a memcpy), then the GEMM adds into it: about the
     bytes of the GEMM writing x @ w.T and a compiled add reading both back, yet the dense 368M model
-    trained 0.7-0.9% faster this way on an H100 (docs/benchmarks.md, ninth session). The residual's
+    trained 0.7-1.0% faster this way on an H100 (docs/benchmarks.md, ninth session). The residual's
     gradient is the output's; x's and w's are _Linear's."""
 
     @staticmethod
@@ -78,9 +81,7 @@ class _LinearResidual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
-        return grad, grad.matmul(w), grad_w
+        return grad, *_linear_grads(grad, *ctx.saved_tensors)
 
 
 def _residual_linear(res, x, w):
