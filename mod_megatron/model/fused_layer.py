@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from mod_megatron.model.compiled import run
+from mod_megatron.model.fused_norm import norm_kernel_usable, norm_residual
 from mod_megatron.model.rope import rotate_cos_sin
 
 FUSED_LAYER_MODES = ("auto", "on", "off")
@@ -89,28 +90,25 @@ def _residual_linear(res, x, w):
     return _LinearResidual.apply(res, x, w)
 
 
-def _norm(x, weight, bias, eps: float, kind: str):
-    if kind == "RMSNorm":
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-
 def block(x, params, rope, meta: tuple, residual_gemm: bool = True):
     """The layer's output for input x [s, b, H] (megatron's TransformerLayer forward, no dropout/bias).
 
     params: (norm1 weight, norm1 bias, qkv weight, proj weight, norm2 weight, norm2 bias, fc1 weight,
     fc2 weight), biases None for RMSNorm; rope: (q_cos, q_sin, k_cos, k_sin) [s, 1|b, 1, rot] in x's
     dtype (`rope_tables`), or None; meta: (norm kind, eps, query groups, query heads per group, head dim,
-    softmax scale, activation); residual_gemm: add the residuals inside the output GEMMs (_LinearResidual),
+    softmax scale, activation, Triton norm backward?); each norm's input reaches its residual through
+    the norm (model/fused_norm.py), so one backward pass adds both gradients; residual_gemm: add the
+    residuals inside the output GEMMs (_LinearResidual),
     or as adds the compiler fuses (the routed layers: there, on gathered rows, inductor warned once per
     compiled shape on a GPU, "Constructing input/output tensor meta failed for Extern Choice").
     """
     add = _residual_linear if residual_gemm else (lambda res, a, w: res + _linear(a, w))
     n1w, n1b, qkv_w, proj_w, n2w, n2b, fc1_w, fc2_w = params
-    norm, eps, groups, per_group, head_dim, scale, act = meta
+    norm, eps, groups, per_group, head_dim, scale, act, norm_kernel = meta
     s, b, _ = x.shape
+    x, normed = norm_residual(x, n1w, n1b, eps, norm, norm_kernel)
     # megatron's grouped QKV layout: per query group, its query heads, then one key and one value head
-    qkv = _linear(_norm(x, n1w, n1b, eps, norm), qkv_w).view(s, b, groups, per_group + 2, head_dim)
+    qkv = _linear(normed, qkv_w).view(s, b, groups, per_group + 2, head_dim)
     q = qkv[:, :, :, :per_group].reshape(s, b, groups * per_group, head_dim)
     k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]
     if rope is not None:
@@ -118,7 +116,8 @@ def block(x, params, rope, meta: tuple, residual_gemm: bool = True):
     o = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
                                        is_causal=s > 1, scale=scale, enable_gqa=groups != groups * per_group)
     h = add(x, o.permute(2, 0, 1, 3).reshape(s, b, -1), proj_w)  # [b, heads, s, d] -> [s, b, H]
-    f = _linear(_norm(h, n2w, n2b, eps, norm), fc1_w)
+    h, normed = norm_residual(h, n2w, n2b, eps, norm, norm_kernel)
+    f = _linear(normed, fc1_w)
     if act == "swiglu":
         gate, lin = torch.chunk(f, 2, dim=-1)
         f = F.silu(gate) * lin
@@ -189,7 +188,8 @@ def layer_meta(layer: TransformerLayer) -> tuple:
     eps = layer.input_layernorm.eps
     return (norm, float(eps if eps is not None else 1e-5), groups,
             attn.num_attention_heads_per_partition // groups, attn.hidden_size_per_attention_head,
-            attn.core_attention.softmax_scale, "swiglu" if c.gated_linear_unit else "gelu")
+            attn.core_attention.softmax_scale, "swiglu" if c.gated_linear_unit else "gelu",
+            norm_kernel_usable(layer.input_layernorm.weight))
 
 
 class FusedTransformerLayer(TransformerLayer):
