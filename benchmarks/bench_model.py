@@ -14,6 +14,9 @@ counter), on random tokens: throughput does not depend on the data, and no corpu
 - vs dense: tokens/s over the dense twin's (the same shape without routing or experts).
 
 Config overrides (`--train.micro_batch_size=8`, `--mod.fused_routing=off`) apply to every config.
+`--tokens-per-step N` sets each config's global batch to N tokens (N / seq_length sequences, in
+micro-batches of the config's size: gradient accumulation), as papers quote batch sizes (GPT-3 trained
+its 125M-760M models on 0.5M-token batches); the configs' own global batch is one micro-batch per step.
 `--smoke` runs tiny versions of three configs on the CPU in well under a minute (a CI check).
 """
 from __future__ import annotations
@@ -142,8 +145,22 @@ def write_profile(trainer, batches, path: str, cuda: bool, steps: int = 2) -> No
                                                                    max_shapes_column_width=60))
 
 
+def batch_override(config: str, tokens: int, overrides: list) -> str:
+    """The --train.global_batch_size override giving `config` (with `overrides`) `tokens` tokens per step."""
+    from mod_megatron.config import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs", f"{config}.yaml"), overrides)
+    micro, seq = cfg.train.micro_batch_size, cfg.model.seq_length
+    if tokens % (micro * seq):
+        raise SystemExit(f"error: --tokens-per-step={tokens} is not a whole number of {config}'s micro-batches "
+                         f"({micro} x {seq} tokens); use a multiple of {micro * seq}")
+    return f"--train.global_batch_size={tokens // seq}"
+
+
 def run_config(config: str, args, overrides: list) -> dict:
     """measure() in a subprocess of its own; a failure (OOM, bad config) becomes {"error": ...}."""
+    if args.tokens_per_step:
+        overrides = [*overrides, batch_override(config, args.tokens_per_step, overrides)]
     return run_worker(os.path.abspath(__file__), config, [
         f"--warmup={args.warmup}", f"--iters={args.iters}", *([f"--profile={args.profile}"] if args.profile else []),
         *(SMOKE if args.smoke else []), *overrides], args.timeout)
@@ -195,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=600, help="seconds per config")
     p.add_argument("--smoke", action="store_true", help="tiny versions of three configs on the CPU")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--tokens-per-step", type=int, help="global batch in tokens (gradient accumulation); "
+                   "default: each config's own global batch")
     p.add_argument("--profile", metavar="DIR", help="also profile 2 more steps per config: DIR/CONFIG.txt (top kernels)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one config, print RESULT {...}
     args, overrides = p.parse_known_args(argv)
@@ -217,6 +236,7 @@ def main(argv=None) -> int:
     peak = next((r["peak_flops"] for r in results if r.get("peak_flops")), None)
     print(f"\n# {card}" + (f", MFU of {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "")
           + f"; {args.warmup} warm-up + {args.iters} timed steps per config"
+          + (f"; {args.tokens_per_step:,} tokens per step" if args.tokens_per_step else "")
           + (f"; overrides {' '.join(overrides)}" if overrides else ""))
     print(format_table(results), flush=True)
     return save_results(results, args.json)

@@ -10,7 +10,19 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mod_megatron import platform
 from mod_megatron.config import Config, ffn_hidden, padded_vocab
+from mod_megatron.model.cross_entropy import cross_entropy
 from mod_megatron.model.spec import block_spec
+
+
+class GPT(GPTModel):
+    """megatron-core's GPTModel, whose fused cross entropy without tensor parallelism is model/cross_entropy.py's
+    (two passes over the logits instead of megatron's fp32 copy of them); everything else is megatron's."""
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not self.config.cross_entropy_loss_fusion or self.config.tensor_model_parallel_size > 1:
+            return super().compute_language_model_loss(labels, logits)
+        # labels [b, s], logits [s, b, V] -> loss [b, s], as megatron's
+        return cross_entropy(logits, labels.transpose(0, 1)).transpose(0, 1).contiguous()
 
 
 def transformer_config(cfg: Config, dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
@@ -46,7 +58,7 @@ def transformer_config(cfg: Config, dtype: torch.dtype = torch.float32, **overri
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         use_cpu_initialization=not on_gpu,
-        # model.fused_layer on a GPU also takes megatron-core's own fused (torch.compile'd) cross entropy
+        # model.fused_layer on a GPU also takes a fused cross entropy: GPT's below, or megatron-core's (TP > 1)
         cross_entropy_loss_fusion=on_gpu and cfg.train.device != "cpu" and m.fused_layer != "off",
         cross_entropy_fusion_impl="native",
     )
@@ -61,7 +73,7 @@ def build_model(cfg: Config, tcfg: TransformerConfig, pre_process: bool = True, 
                 vp_stage: Optional[int] = None, pp_rank: Optional[int] = None) -> GPTModel:
     """One pipeline stage (or virtual stage) of the GPT; the whole model when pp = 1."""
     m = cfg.model
-    return GPTModel(
+    return GPT(
         config=tcfg,
         transformer_layer_spec=block_spec(cfg, tcfg, vp_stage=vp_stage, pp_rank=pp_rank),
         vocab_size=padded_vocab(m, cfg.parallel.tp),

@@ -24,3 +24,16 @@ def test_smoke_prints_the_table_and_writes_json(tmp_path):
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert table[0] == "| config | tokens/s | model TFLOP/s | MFU | peak memory GiB | vs dense |"
     assert len(table) == 5 and table[2].endswith("| 1.00x |")
+
+
+def test_tokens_per_step_sets_each_configs_global_batch():
+    import pytest
+
+    from benchmarks.bench_model import batch_override
+
+    # 0.5M tokens: 256 sequences of 2048 (16 micro-batches of 16) / 512 of 1024 for the 125M config
+    assert batch_override("gpt-368m-dense", 524288, []) == "--train.global_batch_size=256"
+    assert batch_override("gpt-1.3b-mod", 524288, []) == "--train.global_batch_size=256"
+    assert batch_override("gpt-125m-dense", 524288, ["--model.seq_length=2048"]) == "--train.global_batch_size=256"
+    with pytest.raises(SystemExit, match="not a whole number of gpt-368m-dense's micro-batches .16 x 2048"):
+        batch_override("gpt-368m-dense", 500000, [])
