@@ -8,11 +8,11 @@ the one that comes down the residual (dres) and the norm's own,
     dw = sum over rows of dy * xhat,       db = sum over rows of dy
 
 (means over the row). Compiled by inductor, that was a row kernel for dh and column reductions for dw
-and db that read dy and h again: about 120 us per norm of a 368M training layer on an H100, where
-reading h, dy and dres once and writing dh takes about 80 (docs/benchmarks.md, tenth session). Here
-one program walks a band of rows: it writes each row's dh and keeps its band's dw and db in
-registers, stored once as an fp32 partial [programs, N] that a small sum finishes. Rows of up to
-MAX_N elements fit one program's registers; model/fused_norm.py takes PyTorch's path beyond that.
+and db that read dy and h again. Here one program walks a band of rows, a tile of rows at a time: it
+writes each row's dh and keeps its band's dw and db in registers, stored once as an fp32 partial
+[programs, N] that a small sum finishes. At the 368M layer's shape on an H100, the two norms of a layer
+went from 238 to 207 us of kernels (docs/benchmarks.md, tenth session). Rows of up to MAX_N elements
+fit one program's registers; model/fused_norm.py takes PyTorch's path beyond that.
 
 The op is registered with `torch.library.triton_op`, so `torch.compile` keeps it inside the compiled
 layer (and CUDA graphs capture it). This module imports triton: import it only on a CUDA path (or with
@@ -68,9 +68,10 @@ def _norm_residual_bwd_kernel(x_ptr, dy_ptr, dres_ptr, w_ptr, mean_ptr, rstd_ptr
 
 def launch_config(m: int, n: int) -> tuple[int, int, int]:
     """(rows per tile, programs, warps) for m rows of n: tiles of 2048 elements (or one row), 4 warps up to
-    that, 512 programs. The best of `benchmarks/bench_norm.py --sweep` on an H100 at the 368M and 1.3B
-    layers' shapes (32768 x 1024, 16384 x 2048) and the 368M routed layer's (4096 x 1024), within 1-4%
-    there; tiles of 8192 elements were 1.3-15x slower (docs/benchmarks.md, tenth session)."""
+    that, 512 programs. In `benchmarks/bench_norm.py --sweep` on an H100 this was the best configuration,
+    or within 0.3% of it, at the 368M and 1.3B layers' shapes (32768 x 1024, 16384 x 2048) and at the 368M
+    routed layer's (4096 x 1024); tiles of 8192 or more elements were 1.3-15x slower
+    (docs/data/norm-bwd-sweep-h100.txt)."""
     block = triton.next_power_of_2(n)
     tile = max(1, 2048 // block)
     return tile, 512, 4 if block * tile <= 2048 else 8

@@ -9,7 +9,8 @@ layer is one function of its input and its parameters,
     y = h + fc2(act(fc1(norm2(h))))                    act: GeLU, or SwiGLU (gated)
 
 which `torch.compile` turns into a few fused kernels around the matmuls and flash attention, forward
-and backward; the residual adds are the output GEMMs' own (addmm with the residual as C). The
+and backward; the residual adds are the output GEMMs' own (addmm with the residual as C), and each
+norm's backward adds the residual's gradient in the same pass (model/fused_norm.py). The
 parameters stay megatron's own modules' (`linear_qkv.weight`, ...): checkpoints, DDP, the optimizer
 and the spec are unchanged, and the MoD layer (model/mod_layer.py) runs its whole routed forward
 (router, top-k, gather, this layer, combine, aux losses) as one compiled function too.

@@ -16,12 +16,23 @@ from mod_megatron.model.mod_layer import MoDTransformerLayer
 from mod_megatron.model.spec import block_spec, is_routed, layer_specs
 
 S = 32
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer would put the model
+
+
+@pytest.fixture
+def build_gpt(build_gpt):
+    """conftest's build_gpt, with the model on DEVICE (as the trainer moves it; built, it spans devices)."""
+    def build(*overrides, **kwargs):
+        cfg, model = build_gpt(*overrides, **kwargs)
+        return cfg, model.to(DEVICE)
+
+    return build
 
 
 def _batch(batch=2, seed=1, vocab=100):
-    """(tokens, position_ids, next-token labels) of a random batch."""
-    tokens = torch.randint(0, vocab, (batch, S + 1), generator=torch.Generator().manual_seed(seed))
-    return tokens[:, :-1], torch.arange(S).unsqueeze(0).expand(batch, S), tokens[:, 1:]
+    """(tokens, position_ids, next-token labels) of a random batch, on DEVICE."""
+    tokens = torch.randint(0, vocab, (batch, S + 1), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    return tokens[:, :-1], torch.arange(S, device=DEVICE).unsqueeze(0).expand(batch, S), tokens[:, 1:]
 
 
 @pytest.mark.parametrize("overrides", [
