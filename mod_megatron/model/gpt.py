@@ -58,7 +58,7 @@ def transformer_config(cfg: Config, dtype: torch.dtype = torch.float32, **overri
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         use_cpu_initialization=not on_gpu,
-        # model.fused_layer on a GPU also takes a fused cross entropy: GPT's below, or megatron-core's (TP > 1)
+        # model.fused_layer on a GPU also takes a fused cross entropy: GPT's (above), or megatron-core's (TP > 1)
         cross_entropy_loss_fusion=on_gpu and cfg.train.device != "cpu" and m.fused_layer != "off",
         cross_entropy_fusion_impl="native",
     )

@@ -8,18 +8,12 @@ CPU through Triton's interpreter.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-from mod_megatron.kernels import routing as R
+from tests.conftest import triton_kernel_env
 
-CUDA = torch.cuda.is_available() and R.triton_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a CUDA GPU with triton")
+CUDA, INTERPRET, DEVICE, pytestmark = triton_kernel_env()
 
 
 def _values(n: int, seed: int, dtype=torch.float32) -> torch.Tensor:

@@ -8,20 +8,14 @@ ones on a CPU through Triton's interpreter.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mod_megatron.kernels import routing as R
 from mod_megatron.model.fused_norm import norm_residual
+from tests.conftest import triton_kernel_env
 
-CUDA = torch.cuda.is_available() and R.triton_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a CUDA GPU with triton")
+CUDA, INTERPRET, DEVICE, pytestmark = triton_kernel_env()
 if CUDA or INTERPRET:
     import mod_megatron.kernels.norm_triton  # noqa: F401  (registers the op the kernel path calls)
 

@@ -5,19 +5,14 @@ They need a CUDA GPU with triton and are skipped elsewhere (CI). For debugging k
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from benchmarks.bench_block import rotary
 from mod_megatron.kernels import routing as R
+from tests.conftest import triton_kernel_env
 
-CUDA = torch.cuda.is_available() and R.triton_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a CUDA GPU with triton")
+CUDA, INTERPRET, DEVICE, pytestmark = triton_kernel_env()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with triton")
 
 # (S, B, H, k): odd sizes, k = 1 and k = S, H not a power of two, H over one 2048 block.

@@ -7,18 +7,13 @@ ones on a CPU through Triton's interpreter.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from mod_megatron.kernels import routing as R
+from tests.conftest import triton_kernel_env
 
-CUDA = torch.cuda.is_available() and R.triton_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a CUDA GPU with triton")
+CUDA, INTERPRET, DEVICE, pytestmark = triton_kernel_env()
 
 SHAPES = [(37, 3, 5), (1, 1, 1), (130, 2, 17), (128, 2, 128), (4096, 2, 512), (2048, 16, 256), (300, 4, 1),
           (5000, 3, 625), (16384, 1, 2048)]
