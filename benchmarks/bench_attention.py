@@ -18,14 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_block import time_fn  # noqa: E402  (after the path line)
+from bench_block import best_time_fn  # noqa: E402  (after the path line)
 
 BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-
-
-def _time(fn, iters: int, warmup: int, cuda: bool) -> float:
-    """Best of 3 rounds of `iters` calls (the first after `warmup` more), ms per call."""
-    return min(time_fn(fn, warmup if i == 0 else 0, iters, cuda) for i in range(3))
 
 
 def measure(shape, backend: str, device: str, iters: int = 20, warmup: int = 5) -> dict:
@@ -48,8 +43,8 @@ def measure(shape, backend: str, device: str, iters: int = 20, warmup: int = 5) 
         fwd().backward(grad)
 
     try:
-        row["fwd_ms"] = _time(fwd, iters, warmup, device == "cuda")
-        row["step_ms"] = _time(step, iters, warmup, device == "cuda")
+        row["fwd_ms"] = best_time_fn(fwd, iters, warmup, device == "cuda")
+        row["step_ms"] = best_time_fn(step, iters, warmup, device == "cuda")
     except RuntimeError as e:
         row["error"] = (str(e).strip().splitlines() or [""])[0][:80]
         return row

@@ -75,6 +75,11 @@ def time_fn(fn, warmup: int, iters: int, cuda: bool) -> float:
     return (time.perf_counter() - t0) / iters * 1e3
 
 
+def best_time_fn(fn, iters: int, warmup: int, cuda: bool) -> float:
+    """Best of 3 rounds of `iters` calls (the first after `warmup` more), ms per call."""
+    return min(time_fn(fn, warmup if i == 0 else 0, iters, cuda) for i in range(3))
+
+
 def time_layer(layer, x, rope, warmup: int, iters: int) -> float:
     return time_fn(make_step(layer, x, rope), warmup, iters, x.is_cuda)
 

@@ -22,12 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_block import time_fn  # noqa: E402  (after the path line)
-
-
-def _best(fn, iters: int) -> float:
-    """Best of 3 rounds of `iters` calls, us per call."""
-    return min(time_fn(fn, 5 if i == 0 else 0, iters, True) for i in range(3)) * 1e3
+from bench_block import best_time_fn  # noqa: E402  (after the path line)
 
 
 def graphed_us(fn, iters: int, calls: int = 10) -> float:
@@ -43,7 +38,7 @@ def graphed_us(fn, iters: int, calls: int = 10) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    return _best(graph.replay, iters) / calls
+    return best_time_fn(graph.replay, iters, 5, True) * 1e3 / calls
 
 
 def copy_bandwidth(iters: int) -> float:
@@ -68,9 +63,10 @@ def inductor_calls(x, dres, dy, w, b, rms: bool):
 
 def kernel_backward(x, dres, dy, w, rms: bool, config):
     from mod_megatron.kernels import norm_triton as K
+    from mod_megatron.model.fused_norm import _rms_stats
 
     if rms:
-        rstd, mean = torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-5), None
+        rstd, mean = _rms_stats(x, 1e-5), None
     else:
         _, mean, rstd = torch.ops.aten.native_layer_norm(x, (x.shape[-1],), w, None, 1e-5)
     mean = rstd if mean is None else mean
@@ -87,6 +83,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: bench_norm.py needs a CUDA GPU (the kernel is Triton)")
+    import triton
+
     from mod_megatron.kernels.norm_triton import launch_config
 
     rms = args.norm == "RMSNorm"
@@ -106,16 +104,12 @@ def main(argv=None) -> None:
         configs = [launch_config(m, n)]
         if args.sweep:
             configs += [(t, p, wp) for t in (1, 2, 4, 8) for p in (512, 1024, 2048) for wp in (4, 8)
-                        if (t, p, wp) != configs[0] and t * triton_block(n) <= 16384]
+                        if (t, p, wp) != configs[0] and t * triton.next_power_of_2(n) <= 16384]
         runs += [("kernel" + (" (default)" if i == 0 else ""), ", ".join(map(str, c)), (kernel_backward(x, dres, dy, w, rms, c), None))
                  for i, c in enumerate(configs)]
         for name, config, (fn, minus) in runs:
             us = graphed_us(fn, args.iters) - (graphed_us(minus, args.iters) if minus else 0.0)
             print(f"| {m} | {n} | {name} | {config} | {us:.1f} | {moved / us / 1e3:,.0f} | {floor:.1f} |", flush=True)
-
-
-def triton_block(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 if __name__ == "__main__":

@@ -79,9 +79,11 @@ def launch_config(m: int, n: int) -> tuple[int, int, int]:
 
 def launch(dy, x, dres, weight, mean, rstd, rms: bool, tile: int, programs: int, warps: int):
     """The kernel with an explicit launch configuration (the op below; benchmarks/bench_norm.py sweeps it)."""
+    x, dy, dres = x.contiguous(), dy.contiguous(), dres.contiguous()  # the kernel addresses rows of n
     n = x.shape[-1]
     m = x.numel() // n
-    tiles = triton.cdiv(triton.cdiv(m, tile), min(programs, triton.cdiv(m, tile)))  # tiles per band
+    row_tiles = triton.cdiv(m, tile)
+    tiles = triton.cdiv(row_tiles, min(programs, row_tiles))  # tiles per band
     bands = triton.cdiv(m, tiles * tile)
     dx = torch.empty_like(x)
     dw = torch.empty(bands, n, device=x.device, dtype=torch.float32)
@@ -96,7 +98,7 @@ def launch(dy, x, dres, weight, mean, rstd, rms: bool, tile: int, programs: int,
 @triton_op("mod_megatron::norm_residual_backward", mutates_args=())
 def norm_residual_backward(dy: torch.Tensor, x: torch.Tensor, dres: torch.Tensor, weight: torch.Tensor,
                            mean: torch.Tensor, rstd: torch.Tensor, rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dres + the norm's gradient of x, dw, db) for contiguous x, dy, dres [..., N] and mean, rstd [...]
+    """(dres + the norm's gradient of x, dw, db) for x, dy, dres [..., N] and contiguous mean, rstd [...]
     in fp32 (mean unused for RMSNorm; db is zeros then). dw and db come in the weight's dtype."""
     n = x.shape[-1]
     return launch(dy, x, dres, weight, mean, rstd, rms, *launch_config(x.numel() // n, n))

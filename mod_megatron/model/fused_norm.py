@@ -51,8 +51,7 @@ class _NormResidual(torch.autograd.Function):
     def backward(ctx, dres, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         if ctx.kernel:
-            dx, dw, db = torch.ops.mod_megatron.norm_residual_backward(
-                dy.contiguous(), x, dres.contiguous(), weight, mean, rstd, ctx.rms)
+            dx, dw, db = torch.ops.mod_megatron.norm_residual_backward(dy, x, dres, weight, mean, rstd, ctx.rms)
             db = db if bias is not None else None
         else:
             dx, dw, db = _reference_backward(dy, x, dres, weight, bias, mean, rstd, ctx.rms)
