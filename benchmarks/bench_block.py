@@ -9,8 +9,8 @@ e.g. `--hidden 256 --seq 512 --batch 2`. Ideal speed-up at capacity c is about 1
 replayed, as `train.cuda_graphs` does in training (shapes are static, and so is k): that removes the
 CPU's launch and Python overhead, which bounds small routed blocks. As in training, the parameters
 carry megatron-core DDP's fp32 `main_grad` buffers, which the backward graph adds their gradients to;
-unlike training, where each layer reads the previous one's output in place, the one graphed layer
-copies its input and output gradient into the graph each step. Config overrides (`--mod.predictor=false`, `--mod.fused_routing=off`)
+as in a chain of graphed layers in training, each step reads the graph's own input and output-gradient
+buffers in place (until the eleventh session the lone graphed layer copied both in every step). Config overrides (`--mod.predictor=false`, `--mod.fused_routing=off`)
 apply to every layer built.
 """
 from __future__ import annotations
@@ -51,9 +51,14 @@ def rotary(seq: int, dim: int, device):
     return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
 
 
-def make_step(layer, x, rope):
-    """One fwd+bwd, the backward fed a fixed output gradient (as the next layer would hand it back)."""
-    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
+def output_grad(x):
+    """The fixed output gradient every step's backward is fed (as the next layer would hand it back)."""
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
+
+
+def make_step(layer, x, rope, grad=None):
+    """One fwd+bwd, the backward fed a fixed output gradient (`output_grad(x)` unless given)."""
+    grad = output_grad(x) if grad is None else grad
 
     def step():
         x.grad = None  # the input's gradient is handed on, not accumulated step after step
@@ -85,21 +90,29 @@ def time_layer(layer, x, rope, warmup: int, iters: int) -> float:
 
 
 def with_main_grads(layer):
-    """Give every parameter an fp32 `main_grad` buffer, as megatron-core's DDP does in training."""
+    """Give every parameter an fp32 `main_grad` buffer and the flag megatron-core's DDP gives it in training
+    (`grad_added_to_main_grad`, which lets the fused layer's GEMMs add into main_grad: model/wgrad.py)."""
     for p in layer.parameters():
         if p.requires_grad:
             p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            p.grad_added_to_main_grad = False
     return layer
 
 
-def time_graphed(layer, x, rope, warmup: int, iters: int):
-    """ms per fwd+bwd with the layer graphed as in training (train.cuda_graphs), or why capture failed."""
+def graphed_step(layer, x, rope):
+    """(graphs, step) for the layer graphed as in training (train.cuda_graphs), or an error string.
+
+    The first step captures. The returned step then runs on the graph's own input and output-gradient
+    buffers, as a layer inside a chain of graphed layers does (each reads the previous one's output
+    where it lies, graph_chain.py): no copy in or out per step, which a lone graphed layer fed other
+    tensors would make (two passes over [S, B, H] that no layer of a training stack makes).
+    """
     from mod_megatron.training.cuda_graphs import ChunkGraphs
 
     graphs = ChunkGraphs([with_main_grads(layer)])
-    step = make_step(layer, x, rope)
+    grad = output_grad(x)
     try:
-        step()  # the first training forward captures
+        make_step(layer, x, rope, grad)()  # the first training forward captures
     except Exception as e:  # report it (full traceback on stderr), keep the eager numbers
         import traceback
 
@@ -107,8 +120,20 @@ def time_graphed(layer, x, rope, warmup: int, iters: int):
         return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     if graphs.graphed is None:
         return "not captured (the layer ran eagerly)"
+    link = graphs.links[0]  # the capturing step copied x and grad into these
+    return graphs, make_step(layer, link.static_in, rope, link.grad_out)
+
+
+def time_graphed(layer, x, rope, warmup: int, iters: int):
+    """ms per fwd+bwd with the layer graphed as in training (`graphed_step`), or why capture failed."""
+    got = graphed_step(layer, x, rope)
+    if isinstance(got, str):
+        return got
+    graphs, step = got
+    replays, copies = graphs.replays, graphs.copies
     t = time_fn(step, warmup, iters, True)
-    assert graphs.replays >= iters, "the timed steps did not replay the graph"
+    assert graphs.replays >= replays + iters, "the timed steps did not replay the graph"
+    assert graphs.copies == copies, "the timed steps copied their input or output gradient"
     return t
 
 

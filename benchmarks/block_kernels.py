@@ -56,7 +56,6 @@ def trace(variant: str, hidden: int, seq: int, batch: int, head_dim: int, iters:
     from torch.profiler import ProfilerActivity, profile
 
     import bench_block as bb
-    from mod_megatron.training.cuda_graphs import ChunkGraphs
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     heads = max(1, hidden // head_dim)
@@ -65,11 +64,11 @@ def trace(variant: str, hidden: int, seq: int, batch: int, head_dim: int, iters:
     capacity, _, plain = variant.partition("-")
     layer = bb.build_layer(hidden, heads, None if capacity == "dense" else float(capacity), dtype,
                            PLAIN if plain else ()).to(device=device, dtype=dtype)
-    graphs = ChunkGraphs([bb.with_main_grads(layer)])
-    step = bb.make_step(layer, x, rope)
-    for _ in range(10):  # the first captures
+    got = bb.graphed_step(layer, x, rope)
+    assert not isinstance(got, str), got
+    _, step = got
+    for _ in range(10):
         step()
-    assert graphs.graphed is not None, "the layer was not captured"
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):

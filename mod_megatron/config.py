@@ -41,6 +41,8 @@ class ModelConfig:
     fused_rope: str = "auto"  # RoPE fused by torch.compile inside SDPA attention: auto (on GPUs) | on | off
     # whole layer (MoD: with routing) compiled as one function, and megatron's fused cross entropy: auto (GPUs) | on | off
     fused_layer: str = "auto"
+    # on the fused path, weight gradients added into megatron DDP's fp32 main_grad by their GEMMs (model/wgrad.py)
+    fused_wgrad: bool = True
 
 
 @dataclass

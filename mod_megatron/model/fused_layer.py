@@ -32,6 +32,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from mod_megatron.model.compiled import run
 from mod_megatron.model.fused_norm import norm_kernel_usable, norm_residual
 from mod_megatron.model.rope import rotate_cos_sin
+from mod_megatron.model.wgrad import main_grad_of, wgrad_into_main_grad
 
 FUSED_LAYER_MODES = ("auto", "on", "off")
 # Arguments of TransformerLayer.forward the fused path does not model: any of them set -> megatron's path.
@@ -49,22 +50,27 @@ class _Linear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(ctx, x, w, main_grad):
         ctx.save_for_backward(x, w)
+        ctx.main_grad = main_grad  # not saved: other writes to DDP's buffer would fail autograd's version check
         return F.linear(x, w)
 
     @staticmethod
     def backward(ctx, grad):
-        return _linear_grads(grad, *ctx.saved_tensors)
+        return *_linear_grads(grad, *ctx.saved_tensors, ctx.main_grad), None
 
 
-def _linear_grads(grad, x, w):
-    """(grad of x, grad of w) of x @ w.T, dW = dY^T X in the weight's [out, in] layout."""
+def _linear_grads(grad, x, w, main_grad=None):
+    """(grad of x, grad of w) of x @ w.T, dW = dY^T X in the weight's [out, in] layout; with main_grad
+    (model/wgrad.py), dW is added into it by the GEMM and w's gradient is a placeholder DDP drops."""
+    if main_grad is not None:
+        wgrad_into_main_grad(main_grad, grad, x)
+        return grad.matmul(w), torch.empty_like(w)
     return grad.matmul(w), grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
 
 
-def _linear(x, w):
-    return _Linear.apply(x, w)
+def _linear(x, w, main_grad=None):
+    return _Linear.apply(x, w, main_grad)
 
 
 class _LinearResidual(torch.autograd.Function):
@@ -76,22 +82,23 @@ class _LinearResidual(torch.autograd.Function):
     gradient is the output's; x's and w's are _Linear's."""
 
     @staticmethod
-    def forward(ctx, res, x, w):
+    def forward(ctx, res, x, w, main_grad):
         ctx.save_for_backward(x, w)
+        ctx.main_grad = main_grad
         n = w.shape[0]
         return torch.addmm(res.reshape(-1, n), x.reshape(-1, x.shape[-1]), w.t()).view(res.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, *_linear_grads(grad, *ctx.saved_tensors)
+        return grad, *_linear_grads(grad, *ctx.saved_tensors, ctx.main_grad), None
 
 
-def _residual_linear(res, x, w):
+def _residual_linear(res, x, w, main_grad=None):
     """res + x @ w.T (the residual added inside the GEMM)."""
-    return _LinearResidual.apply(res, x, w)
+    return _LinearResidual.apply(res, x, w, main_grad)
 
 
-def block(x, params, rope, meta: tuple, residual_gemm: bool = True):
+def block(x, params, rope, meta: tuple, residual_gemm: bool = True, main_grads=None):
     """The layer's output for input x [s, b, H] (megatron's TransformerLayer forward, no dropout/bias).
 
     params: (norm1 weight, norm1 bias, qkv weight, proj weight, norm2 weight, norm2 bias, fc1 weight,
@@ -101,30 +108,33 @@ def block(x, params, rope, meta: tuple, residual_gemm: bool = True):
     the norm (model/fused_norm.py), so one backward pass adds both gradients; residual_gemm: add the
     residuals inside the output GEMMs (_LinearResidual),
     or as adds the compiler fuses (the routed layers: there, on gathered rows, inductor warned once per
-    compiled shape on a GPU, "Constructing input/output tensor meta failed for Extern Choice").
+    compiled shape on a GPU, "Constructing input/output tensor meta failed for Extern Choice");
+    main_grads: (qkv, proj, fc1, fc2) weights' fp32 buffers their GEMMs add the weight gradients into
+    (`layer_main_grads`, model/wgrad.py), each None for autograd's way, or None for all four.
     """
-    add = _residual_linear if residual_gemm else (lambda res, a, w: res + _linear(a, w))
+    add = _residual_linear if residual_gemm else (lambda res, a, w, g: res + _linear(a, w, g))
     n1w, n1b, qkv_w, proj_w, n2w, n2b, fc1_w, fc2_w = params
+    qkv_g, proj_g, fc1_g, fc2_g = main_grads or (None,) * 4
     norm, eps, groups, per_group, head_dim, scale, act, norm_kernel = meta
     s, b, _ = x.shape
     x, normed = norm_residual(x, n1w, n1b, eps, norm, norm_kernel)
     # megatron's grouped QKV layout: per query group, its query heads, then one key and one value head
-    qkv = _linear(normed, qkv_w).view(s, b, groups, per_group + 2, head_dim)
+    qkv = _linear(normed, qkv_w, qkv_g).view(s, b, groups, per_group + 2, head_dim)
     q = qkv[:, :, :, :per_group].reshape(s, b, groups * per_group, head_dim)
     k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]
     if rope is not None:
         q, k = rotate_cos_sin(q, rope[0], rope[1]), rotate_cos_sin(k, rope[2], rope[3])
     o = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
                                        is_causal=s > 1, scale=scale, enable_gqa=groups != groups * per_group)
-    h = add(x, o.permute(2, 0, 1, 3).reshape(s, b, -1), proj_w)  # [b, heads, s, d] -> [s, b, H]
+    h = add(x, o.permute(2, 0, 1, 3).reshape(s, b, -1), proj_w, proj_g)  # [b, heads, s, d] -> [s, b, H]
     h, normed = norm_residual(h, n2w, n2b, eps, norm, norm_kernel)
-    f = _linear(normed, fc1_w)
+    f = _linear(normed, fc1_w, fc1_g)
     if act == "swiglu":
         gate, lin = torch.chunk(f, 2, dim=-1)
         f = F.silu(gate) * lin
     else:
         f = F.gelu(f)
-    return add(h, f, fc2_w)
+    return add(h, f, fc2_w, fc2_g)
 
 
 def rope_tables(rotary_pos_emb, dtype: torch.dtype):
@@ -182,6 +192,14 @@ def layer_params(layer: TransformerLayer) -> tuple:
             n2.weight, getattr(n2, "bias", None), mlp.linear_fc1.weight, mlp.linear_fc2.weight)
 
 
+def layer_main_grads(layer: TransformerLayer, enabled: bool) -> Optional[tuple]:
+    """The (qkv, proj, fc1, fc2) weights' main_grad buffers their GEMMs add into (model/wgrad.py), or None."""
+    attn, mlp = layer.self_attention, layer.mlp
+    weights = (attn.linear_qkv.weight, attn.linear_proj.weight, mlp.linear_fc1.weight, mlp.linear_fc2.weight)
+    grads = tuple(main_grad_of(w, enabled) for w in weights)
+    return None if all(g is None for g in grads) else grads
+
+
 def layer_meta(layer: TransformerLayer) -> tuple:
     c, attn = layer.config, layer.self_attention
     groups = attn.num_query_groups_per_partition
@@ -196,8 +214,9 @@ def layer_meta(layer: TransformerLayer) -> tuple:
 class FusedTransformerLayer(TransformerLayer):
     """megatron-core's TransformerLayer whose forward takes the fused path where it applies."""
 
-    def __init__(self, *args, fused_layer: str = "auto", **kwargs):
+    def __init__(self, *args, fused_layer: str = "auto", fused_wgrad: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.fused_wgrad = fused_wgrad  # weight gradients added into DDP's main_grad by their GEMMs
         if fused_layer not in FUSED_LAYER_MODES:
             raise ValueError(f"unknown fused_layer mode {fused_layer!r}; choose from {', '.join(FUSED_LAYER_MODES)}")
         self.fused_layer = fused_layer
@@ -216,5 +235,6 @@ class FusedTransformerLayer(TransformerLayer):
         if args or not self.use_fused(hidden_states, kwargs):
             return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
         out = run(block, self.fused_layer, hidden_states, layer_params(self),
-                  rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self), option="model.fused_layer")
+                  rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self), True,
+                  layer_main_grads(self, self.fused_wgrad), option="model.fused_layer")
         return out, None

@@ -25,7 +25,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from mod_megatron.kernels.routing import combine_tokens, gather_tokens, use_fused
 from mod_megatron.model.compiled import run
-from mod_megatron.model.fused_layer import FusedTransformerLayer, layer_meta, layer_params, rope_tables
+from mod_megatron.model.fused_layer import (FusedTransformerLayer, layer_main_grads, layer_meta, layer_params,
+                                            rope_tables)
 from mod_megatron.model.fused_mod import routed_forward
 from mod_megatron.model.predictor import Predictor, attach_aux_loss, aux_stats, bce_sum, install_aux_loss_scale
 from mod_megatron.model.router import (Router, Routing, causal_route, gather_positions,
@@ -47,10 +48,10 @@ class MoDTransformerLayer(FusedTransformerLayer):
                  pg_collection=None, vp_stage: Optional[int] = None, *, capacity: float = 0.125,
                  router_weight: str = "sigmoid", router_init_std: float = 0.02, aux_loss_weight: float = 0.0,
                  predictor: bool = False, predictor_loss_weight: float = 1.0, fused_routing: str = "auto",
-                 fused_layer: str = "auto"):
+                 fused_layer: str = "auto", fused_wgrad: bool = True):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage,
-                         fused_layer=fused_layer)
+                         fused_layer=fused_layer, fused_wgrad=fused_wgrad)
         self.capacity = capacity
         self.router_weight_kind = router_weight
         self.fused_routing = fused_routing  # auto | on | off: Triton gather/combine (kernels/routing.py)
@@ -158,7 +159,8 @@ class MoDTransformerLayer(FusedTransformerLayer):
                    use_fused(self.fused_routing, hidden_states))
         output, loss, index, weight, logits, pred = run(
             routed_forward, self.fused_layer, hidden_states, self.router.weight, pred_params, layer_params(self),
-            rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self), routing, option="model.fused_layer")
+            rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self), routing,
+            layer_main_grads(self, self.fused_wgrad), option="model.fused_layer")
         self.last_routing = Routing(index=index, weight=weight, logits=logits)
         self._aux_inputs = {"logits": logits, "index": index, "seq_len": seq_len, "first": 0, "pred": pred}
         self._aux_stats = None

@@ -33,7 +33,7 @@ def dense_layer_spec(cfg: Config) -> ModuleSpec:
     FusedTransformerLayer (model.fused_layer: the layer compiled as one function where it can be)."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=cfg.model.normalization))
     spec.module = FusedTransformerLayer
-    spec.params = dict(spec.params or {}, fused_layer=cfg.model.fused_layer)
+    spec.params = dict(spec.params or {}, fused_layer=cfg.model.fused_layer, fused_wgrad=cfg.model.fused_wgrad)
     if cfg.model.attention_backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
         if cfg.model.position_embedding == "rope" and cfg.model.fused_rope != "off":

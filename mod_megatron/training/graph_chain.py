@@ -9,7 +9,8 @@ that compute nothing (about 1.5 ms of a 368M-model step on an H200, docs/benchma
   output-gradient buffer *is* layer i+1's input gradient, so a stack replayed in order copies only
   at its two ends (a call whose input lives elsewhere still gets it copied, so any order is correct);
 - a parameter that carries megatron-core DDP's fp32 `main_grad` gets its gradient added to that
-  buffer by a graph replayed right after the layer's backward graph: one multi-tensor Triton launch
+  buffer inside the backward graph by its own GEMM where the fused layer does that (model/wgrad.py),
+  else by a graph replayed right after the layer's backward graph: one multi-tensor Triton launch
   for the layer's parameters (kernels/multi_tensor_triton.py), torch's `add_` for any that do not fit
   it. That is what DDP's backward hook does (`main_grad.add_(grad)`, then `grad = None`), but there
   each parameter's add is launched from Python after autograd hands the gradient over, on PyTorch's
@@ -28,6 +29,8 @@ from typing import Callable, Optional
 
 import torch
 
+from mod_megatron.model.wgrad import fused_into_main_grad
+
 
 @dataclass
 class Link:
@@ -38,12 +41,12 @@ class Link:
     static_args: tuple  # further inputs without gradient (the rotary table), shared by all layers
     out: torch.Tensor
     returned: tuple  # parameters whose gradients go back through autograd
-    accumulated: tuple  # parameters whose gradients the backward graph adds to `main_grad`
+    accumulated: tuple  # parameters whose gradients the backward graphs add to `main_grad`
     main_grads: tuple  # those main_grad tensors at capture (the graph writes to their memory)
     bwd: Optional[torch.cuda.CUDAGraph] = None
     acc: Optional[torch.cuda.CUDAGraph] = None  # adds the accumulated parameters' gradients to main_grad
     adder: object = None  # the MultiTensor that graph launches (it keeps the gradients' memory alive)
-    added: tuple = ()  # the accumulated parameters that graph adds a gradient for (those that get one)
+    added: tuple = ()  # the accumulated parameters given a gradient (by their GEMMs or by `acc`)
     grads_ready: Optional[Callable] = None  # called with `added` after the adds: DDP's bucket bookkeeping
     grad_out: Optional[torch.Tensor] = None  # for layers before the last, an alias of the next's grad_in
     grad_in: Optional[torch.Tensor] = None
@@ -80,8 +83,8 @@ class _Replay(torch.autograd.Function):
         link.bwd.replay()
         if link.acc is not None:
             link.acc.replay()
-            if link.grads_ready is not None:  # as DDP's hook would: a full bucket starts its reduction
-                link.grads_ready(link.added)
+        if link.grads_ready is not None and link.added:  # as DDP's hook would: a full bucket starts its reduction
+            link.grads_ready(link.added)
         grads = tuple(None if g is None else g.detach() for g in link.returned_grads)
         return (None, link.grad_in.detach(), *([None] * ctx.num_args), *grads)
 
@@ -130,7 +133,8 @@ def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iter
             for _ in range(num_warmup_iters):
                 x = sample.detach().requires_grad_(True)
                 y = call(x, *args)
-                torch.autograd.grad(y, (x, *ps), torch.empty_like(y), allow_unused=True)
+                # zeros: a layer whose GEMMs add weight gradients into main_grad (model/wgrad.py) adds 0 here
+                torch.autograd.grad(y, (x, *ps), torch.zeros_like(y), allow_unused=True)
                 del x, y
         # compile the adder's kernel for each (main_grad, parameter) dtype pair before any capture
         for dst_dtype, src_dtype in {(p.main_grad.dtype, p.dtype) for ps in params for p in ps if _has_main_grad(p)}:
@@ -154,17 +158,19 @@ def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iter
     grad = torch.empty_like(links[-1].out)
     for link in reversed(links):
         link.grad_out = grad
+        in_gemm = tuple(p for p in link.accumulated if fused_into_main_grad(p))  # the graph's GEMMs add these
+        added = tuple(p for p in link.accumulated if not fused_into_main_grad(p))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            grads = torch.autograd.grad(link.out, (link.static_in, *link.returned, *link.accumulated),
+            grads = torch.autograd.grad(link.out, (link.static_in, *link.returned, *added),
                                         grad_outputs=grad, allow_unused=True)
         if grads[0] is None:
             raise RuntimeError("train.cuda_graphs: a layer's output does not depend on its input")
         link.bwd, link.grad_in, link.returned_grads = graph, grads[0], grads[1:1 + len(link.returned)]
-        got = [(p, g) for p, g in zip(link.accumulated, grads[1 + len(link.returned):]) if g is not None]
+        got = [(p, g) for p, g in zip(added, grads[1 + len(link.returned):]) if g is not None]
+        link.added = in_gemm + tuple(p for p, _ in got)
         if got:  # the address tables are made here, between captures, from the gradients' fixed memory
             link.adder = _adder([p.main_grad for p, _ in got], [g for _, g in got])
-            link.added = tuple(p for p, _ in got)
             link.acc = torch.cuda.CUDAGraph()
             with torch.cuda.graph(link.acc, pool=pool):
                 link.adder.run_all()  # as DDP's hook would
