@@ -41,8 +41,9 @@ class ModelConfig:
     fused_rope: str = "auto"  # RoPE fused by torch.compile inside SDPA attention: auto (on GPUs) | on | off
     # whole layer (MoD: with routing) compiled as one function, and megatron's fused cross entropy: auto (GPUs) | on | off
     fused_layer: str = "auto"
-    # on the fused path, weight gradients added into megatron DDP's fp32 main_grad by their GEMMs (model/wgrad.py)
-    fused_wgrad: bool = True
+    # on the fused path, weight gradients added into megatron DDP's fp32 main_grad by their GEMMs (model/wgrad.py);
+    # off by default: faster for one layer at d >= 2048, not yet for whole MoD models (docs/benchmarks.md)
+    fused_wgrad: bool = False
 
 
 @dataclass

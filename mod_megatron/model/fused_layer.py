@@ -214,7 +214,7 @@ def layer_meta(layer: TransformerLayer) -> tuple:
 class FusedTransformerLayer(TransformerLayer):
     """megatron-core's TransformerLayer whose forward takes the fused path where it applies."""
 
-    def __init__(self, *args, fused_layer: str = "auto", fused_wgrad: bool = True, **kwargs):
+    def __init__(self, *args, fused_layer: str = "auto", fused_wgrad: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.fused_wgrad = fused_wgrad  # weight gradients added into DDP's main_grad by their GEMMs
         if fused_layer not in FUSED_LAYER_MODES:

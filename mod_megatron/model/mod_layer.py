@@ -48,7 +48,7 @@ class MoDTransformerLayer(FusedTransformerLayer):
                  pg_collection=None, vp_stage: Optional[int] = None, *, capacity: float = 0.125,
                  router_weight: str = "sigmoid", router_init_std: float = 0.02, aux_loss_weight: float = 0.0,
                  predictor: bool = False, predictor_loss_weight: float = 1.0, fused_routing: str = "auto",
-                 fused_layer: str = "auto", fused_wgrad: bool = True):
+                 fused_layer: str = "auto", fused_wgrad: bool = False):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage,
                          fused_layer=fused_layer, fused_wgrad=fused_wgrad)

@@ -183,7 +183,8 @@ def test_graphs_add_parameter_grads_to_main_grad_as_ddp_does(gpu_process, in_gem
     from mod_megatron.training.cuda_graphs import ChunkGraphs
 
     S, B, H = 256, 2, 256
-    plain, ddp = (dense_and_mod_layers("--model.seq_length=256", "--mod.capacity=0.125") for _ in range(2))
+    plain, ddp = (dense_and_mod_layers("--model.seq_length=256", "--mod.capacity=0.125",
+                                       f"--model.fused_wgrad={str(in_gemm).lower()}") for _ in range(2))
     for a, b in zip(plain, ddp):
         b.load_state_dict(a.state_dict())
     main = {f"{i}.{n}": p for i, layer in enumerate(ddp) for n, p in layer.named_parameters()}
@@ -227,9 +228,12 @@ def test_training_with_graphs_follows_training_without(tmp_path):
         # the backward graphs mark each layer's parameters ready in DDP's buckets (overlapped reduction,
         # on by default); here in small buckets, and with the reduction after the backward instead
         "true, small buckets": ["--train.cuda_graphs=true", "--parallel.bucket_size=100000"],
-        "true, reduction after": ["--train.cuda_graphs=true", "--parallel.overlap_grad_reduce=false"]})
+        "true, reduction after": ["--train.cuda_graphs=true", "--parallel.overlap_grad_reduce=false"],
+        # weight gradients added into main_grad by the GEMMs (model/wgrad.py), eager and graphed
+        "false, fused wgrad": ["--train.cuda_graphs=false", "--model.fused_wgrad=true"],
+        "true, fused wgrad": ["--train.cuda_graphs=true", "--model.fused_wgrad=true"]})
     off, on = runs["false"], runs["true"]
-    for other in ("true, small buckets", "true, reduction after"):
+    for other in ("true, small buckets", "true, reduction after", "false, fused wgrad", "true, fused wgrad"):
         assert runs[other]["losses"] == pytest.approx(on["losses"], abs=2e-2), other
     assert off["cuda_graph_layers"] == 0 and on["cuda_graph_layers"] == 4
     assert on["cuda_graph_replays"] >= 4 * 2 * 7  # every micro-batch after the capturing one replayed
