@@ -12,9 +12,9 @@ do: at d=2048 and 1,024 routed tokens the multi-tensor add took 168 us of a 1.08
 With this, that graphed layer stepped in 0.98 instead of 1.03 ms; but whole MoD models trained 0.6% (368M)
 and 1.1% (1.3B) slower on an H100, so it is off by default (`model.fused_wgrad`; docs/benchmarks.md,
 eleventh session). In a profile of the 368M MoD model the backward graphs did take 1.1 ms less per step,
-but the forward graphs gained three device-to-device copies per layer (about 0.7 ms a step, source not
-yet found: not in the compiled layer, whose kernels were unchanged when run alone) and the optimizer
-step measured 0.8 ms longer.
+but the step gained three device-to-device copies per layer, under the forward replays in the profile
+(about 0.7 ms a step; source not yet found, not in the compiled layer, whose kernels were unchanged
+when run alone) and the optimizer step measured 0.8 ms longer.
 
 The contract with megatron-core DDP is the one its own fused linear layers use: the layer sets
 `param.grad_added_to_main_grad = True` in the forward (DDP resets it to False every step), and hands
