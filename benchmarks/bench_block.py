@@ -85,6 +85,22 @@ def best_time_fn(fn, iters: int, warmup: int, cuda: bool) -> float:
     return min(time_fn(fn, warmup if i == 0 else 0, iters, cuda) for i in range(3))
 
 
+def graphed_us(fn, iters: int, calls: int = 10) -> float:
+    """GPU time per call, us: `calls` calls captured in one CUDA graph, replayed (the host's launch cost,
+    which a training step's graphs do not pay, would otherwise dominate short kernels)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return best_time_fn(graph.replay, iters, 5, True) * 1e3 / calls
+
+
 def time_layer(layer, x, rope, warmup: int, iters: int) -> float:
     return time_fn(make_step(layer, x, rope), warmup, iters, x.is_cuda)
 

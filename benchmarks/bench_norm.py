@@ -22,23 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_block import best_time_fn  # noqa: E402  (after the path line)
-
-
-def graphed_us(fn, iters: int, calls: int = 10) -> float:
-    """GPU time per call: `calls` calls captured in one CUDA graph, replayed (the host's launch cost,
-    which a training step's graphs do not pay, would otherwise dominate these ~100 us kernels)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return best_time_fn(graph.replay, iters, 5, True) * 1e3 / calls
+from bench_block import graphed_us  # noqa: E402  (after the path line)
 
 
 def copy_bandwidth(iters: int) -> float:
