@@ -60,7 +60,7 @@ class MoDConfig:
     predictor: bool = True  # small MLP (H -> H/8 -> 1) on stop-gradient inputs, its own BCE loss
     predictor_loss_weight: float = 1.0  # touches only the predictor's params (inputs are detached)
     capacity_warmup_iters: int = 0  # capacity goes linearly from 1.0 to `capacity` over N steps
-    fused_routing: str = "auto"  # Triton top-k/gather/combine: auto (CUDA + triton) | on (or fail) | off (PyTorch)
+    fused_routing: str = "auto"  # Triton top-k/gather/combine/predictor: auto (CUDA + triton) | on (or fail) | off (PyTorch)
 
 
 @dataclass

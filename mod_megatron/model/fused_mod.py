@@ -112,15 +112,16 @@ def routed_forward(x, router_w, pred_params, params, rope, meta: tuple, routing:
 
     router_w: [H]; pred_params: (fc1 weight, fc1 bias, fc2 weight, fc2 bias) or None; params/rope/meta:
     the TransformerLayer's (model/fused_layer.py), rope's tables per position [S, 1, 1, d]; routing: (capacity,
-    router weight kind, router aux weight, predictor aux weight, run the predictor?, Triton top-k?) with a
-    weight of 0 meaning "no such loss"; main_grads: as block's (model/fused_layer.py).
+    router weight kind, router aux weight, predictor aux weight, run the predictor?, Triton kernels for the
+    top-k and the predictor?) with a weight of 0 meaning "no such loss"; main_grads: as block's
+    (model/fused_layer.py).
     Returns (output [S,B,H], aux loss or None, index [k,B], router weight [k,B], logits [S,B],
     predictor logits [S,B] or None); all but the output and the loss are detached.
     """
-    capacity, weight_kind, router_loss_w, pred_loss_w, run_predictor, fused_topk = routing
+    capacity, weight_kind, router_loss_w, pred_loss_w, run_predictor, triton = routing
     s, b, _ = x.shape
     logits = _RouterScore.apply(x, router_w)  # [S, B], fp32, one read of x
-    chosen = topk_route(logits, capacity, weight_kind, fused_topk)
+    chosen = topk_route(logits, capacity, weight_kind, triton)
     index, r = chosen.index, chosen.weight
     slot = _slots(index, s)
     xr = _GatherRows.apply(x, index, slot)
@@ -133,7 +134,7 @@ def routed_forward(x, router_w, pred_params, params, rope, meta: tuple, routing:
     if router_loss_w > 0:
         loss = bce_sum(logits, target) * (router_loss_w / (s * b))
     if run_predictor:
-        pred = predictor_logits(x, *pred_params)
+        pred = predictor_logits(x, *pred_params, fused=triton)
         if pred_loss_w > 0:
             term = bce_sum(pred, target) * (pred_loss_w / (s * b))
             loss = term if loss is None else loss + term

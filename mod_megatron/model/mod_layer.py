@@ -54,7 +54,7 @@ class MoDTransformerLayer(FusedTransformerLayer):
                          fused_layer=fused_layer, fused_wgrad=fused_wgrad)
         self.capacity = capacity
         self.router_weight_kind = router_weight
-        self.fused_routing = fused_routing  # auto | on | off: Triton gather/combine (kernels/routing.py)
+        self.fused_routing = fused_routing  # auto | on | off: Triton top-k, gather/combine, predictor
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.router = Router(config.hidden_size, router_init_std, device=device,
                              dtype=config.params_dtype, sequence_parallel=config.sequence_parallel)

@@ -38,9 +38,19 @@ class Predictor(torch.nn.Module):
         return predictor_logits(hidden_states, *self.weights())
 
 
-def predictor_logits(hidden_states: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
-    """The predictor MLP: [S, B, H] -> logits [S, B] in fp32; no gradient flows back into `hidden_states`."""
+def predictor_logits(hidden_states: torch.Tensor, w1, b1, w2, b2, fused: bool = False) -> torch.Tensor:
+    """The predictor MLP: [S, B, H] -> logits [S, B] in fp32; no gradient flows back into `hidden_states`.
+
+    fused: its forward as kernels/predictor_triton.py's Triton kernel, where the input is a bf16/fp16 CUDA
+    tensor and the hidden layer is at most MAX_UNITS wide (H <= 2048); the F.linear form below is the
+    reference and the CPU path."""
     x = hidden_states.detach().to(w1.dtype)
+    if fused and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and b1 is not None:
+        from mod_megatron.kernels.predictor_triton import MAX_UNITS, FusedPredictor
+
+        if w1.shape[0] <= MAX_UNITS:
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            return FusedPredictor.apply(flat, w1, b1, w2, b2).view(x.shape[:-1])
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2).squeeze(-1).float()
 
 

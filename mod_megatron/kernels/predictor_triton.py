@@ -1,0 +1,98 @@
+"""The MoD predictor MLP's forward (model/predictor.py) as one Triton kernel, and its backward as one GEMM.
+
+Every routed layer's predictor scores all T = S*B tokens: logit = w2 . gelu(W1 x + b1) + b2, with x [T, H]
+detached (no gradient flows back into the model) and W1 [N, H], N = H/8. Written with F.linear that is two
+narrow GEMMs each way, fc2's matrix-vector products with their split-K reductions, GeLU forward and
+backward and the bias sums: about 15 kernels and 50 us at d=1024, T=8192 on an H100, a tenth of a routed
+layer at capacity 12.5% (docs/benchmarks.md, twelfth session). Here:
+
+forward   one program per (BT tokens, BN hidden units): pre = x W1^T + b1 over H in BK steps; it stores
+          h = gelu(pre) and q = w2 * gelu'(pre) (x's dtype) for the backward, and this block's share of
+          w2 . h for each token. The caller sums the shares [N/BN, T] (in a fixed order: no atomics).
+backward  with g the logits' gradient, dpre = g * q row by row, so dW1 = (g * q)^T x is one cuBLAS GEMM,
+          db1 = sum_t g * q, dw2 = sum_t g * h and db2 = sum_t g are column sums the compiler fuses.
+          (A Triton kernel forming g * q on the fly inside the dW1 GEMM, tried first, was 2-6x slower
+          than this on an H100.)
+
+GeLU is the exact (erf) one, F.gelu's default. The forward is a `torch.library.triton_op`, so a compiled
+routed layer keeps it and CUDA graphs capture it. This module imports triton: import it only on a CUDA
+path (or with TRITON_INTERPRET=1 on a CPU); model/predictor.py holds the PyTorch reference and dispatch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+# Launch shape: tokens per program, hidden units per program at most, input features per step, warps, stages.
+FWD = {"BT": 64, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+# x is read once per block of BN hidden units: at H = 4096 (512 units, four reads) the kernel was slower
+# than F.linear on an H100 (212 vs 150 us per fwd+bwd; 256 units per program instead was slower still at
+# H = 2048 and 4096), so model/predictor.py takes it for up to MAX_UNITS hidden units only.
+MAX_UNITS = 256
+
+
+@triton.jit
+def _predictor_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, h_ptr, q_ptr, part_ptr, T, H, N,
+                          BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_t, pid_n = tl.program_id(0), tl.program_id(1)
+    rt = pid_t * BT + tl.arange(0, BT)
+    rn = pid_n * BN + tl.arange(0, BN)
+    t_ok, n_ok = rt < T, rn < N
+    x_rows = x_ptr + rt.to(tl.int64)[:, None] * H
+    w_rows = w1_ptr + rn.to(tl.int64)[None, :] * H
+    acc = tl.zeros((BT, BN), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        kk = k0 + tl.arange(0, BK)
+        k_ok = kk < H
+        xa = tl.load(x_rows + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        wb = tl.load(w_rows + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # W1^T block
+        acc = tl.dot(xa, wb, acc)
+    pre = acc + tl.load(b1_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    cdf = 0.5 * (1.0 + tl.erf(pre * 0.7071067811865476))
+    h = pre * cdf  # exact GeLU
+    w2 = tl.load(w2_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    q = w2[None, :] * (cdf + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327)  # w2 * GeLU'(pre)
+    out = rt.to(tl.int64)[:, None] * N + rn[None, :]
+    both = t_ok[:, None] & n_ok[None, :]
+    tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=both)
+    tl.store(q_ptr + out, q.to(q_ptr.dtype.element_ty), mask=both)
+    tl.store(part_ptr + pid_n * T + rt, tl.sum(h * w2[None, :], axis=1), mask=t_ok)
+
+
+@triton_op("mod_megatron::predictor_fwd", mutates_args=())
+def predictor_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H], w1 [N, H], b1 [N], w2 [N] (one dtype) -> (shares [ceil(N/BN), T] fp32 whose column sums
+    are w2 . h, h = gelu(x W1^T + b1) [T, N], q = w2 * gelu'(x W1^T + b1) [T, N], both in x's dtype)."""
+    t, k = x.shape
+    n = w1.shape[0]
+    cfg = dict(FWD, BN=min(FWD["BN"], max(16, triton.next_power_of_2(n))))
+    h = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    q = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    parts = torch.empty((triton.cdiv(n, cfg["BN"]), t), dtype=torch.float32, device=x.device)
+    wrap_triton(_predictor_fwd_kernel)[(triton.cdiv(t, cfg["BT"]), triton.cdiv(n, cfg["BN"]))](
+        x, w1, b1, w2, h, q, parts, t, k, n, **cfg)
+    return parts, h, q
+
+
+class FusedPredictor(torch.autograd.Function):
+    """logits [T] fp32 of the predictor MLP on x [T, H] (contiguous; no gradient for x), the forward through
+    the kernel, the backward as one GEMM and column sums."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        parts, h, q = predictor_fwd(x, w1, b1, w2.reshape(-1))
+        ctx.save_for_backward(x, h, q)
+        return parts.sum(0) + b2.float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h, q = ctx.saved_tensors
+        g = grad.float().unsqueeze(1)
+        dpre = (g * q.float()).to(x.dtype)  # the gradient of pre = x W1^T + b1, [T, N]
+        dw1 = dpre.t().mm(x)
+        db1 = dpre.float().sum(0).to(x.dtype)
+        dw2 = (g * h.float()).sum(0).to(x.dtype).unsqueeze(0)
+        return None, dw1, db1, dw2, g.sum().view(1).to(x.dtype)
