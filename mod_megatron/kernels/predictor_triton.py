@@ -1,4 +1,4 @@
-"""The MoD predictor MLP's forward (model/predictor.py) as one Triton kernel, and its backward as one GEMM.
+"""The MoD predictor MLP's forward (model/predictor.py) as one Triton kernel, its backward as one GEMM.
 
 Every routed layer's predictor scores all T = S*B tokens: logit = w2 . gelu(W1 x + b1) + b2, with x [T, H]
 detached (no gradient flows back into the model) and W1 [N, H], N = H/8. Written with F.linear that is two
@@ -14,11 +14,18 @@ backward  with g the logits' gradient, dpre = g * q row by row, so dW1 = (g * q)
           (A Triton kernel forming g * q on the fly inside the dW1 GEMM, tried first, was 2-6x slower
           than this on an H100.)
 
+router    in the routed layer the router's score x . wr also reads every token; with `RouterAndPredictor`
+          the forward kernel computes it from the same loads of x (fp32 products and sums, as
+          model/fused_mod.py's `_RouterScore`), and the backward's GEMM gives the router's weight
+          gradient as one more row, [g * q | g_router]^T x: two passes over [S, B, H] fewer per layer.
+
 GeLU is the exact (erf) one, F.gelu's default. The forward is a `torch.library.triton_op`, so a compiled
 routed layer keeps it and CUDA graphs capture it. This module imports triton: import it only on a CUDA
 path (or with TRITON_INTERPRET=1 on a CPU); model/predictor.py holds the PyTorch reference and dispatch.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -34,8 +41,8 @@ MAX_UNITS = 256
 
 
 @triton.jit
-def _predictor_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, h_ptr, q_ptr, part_ptr, T, H, N,
-                          BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _predictor_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, h_ptr, q_ptr, part_ptr, wr_ptr, r_ptr, T, H, N,
+                          BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ROUTER: tl.constexpr):
     pid_t, pid_n = tl.program_id(0), tl.program_id(1)
     rt = pid_t * BT + tl.arange(0, BT)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -43,12 +50,19 @@ def _predictor_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, h_ptr, q_ptr, part_ptr,
     x_rows = x_ptr + rt.to(tl.int64)[:, None] * H
     w_rows = w1_ptr + rn.to(tl.int64)[None, :] * H
     acc = tl.zeros((BT, BN), dtype=tl.float32)
+    score = tl.zeros((BT,), dtype=tl.float32)  # the router's logit x . wr, fp32 products and sums
     for k0 in range(0, H, BK):
         kk = k0 + tl.arange(0, BK)
         k_ok = kk < H
         xa = tl.load(x_rows + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         wb = tl.load(w_rows + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # W1^T block
         acc = tl.dot(xa, wb, acc)
+        if ROUTER:
+            wr = tl.load(wr_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            score += tl.sum(xa.to(tl.float32) * wr[None, :], axis=1)
+    if ROUTER:
+        if pid_n == 0:
+            tl.store(r_ptr + rt, score, mask=t_ok)
     pre = acc + tl.load(b1_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     cdf = 0.5 * (1.0 + tl.erf(pre * 0.7071067811865476))
     h = pre * cdf  # exact GeLU
@@ -62,19 +76,21 @@ def _predictor_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, h_ptr, q_ptr, part_ptr,
 
 
 @triton_op("mod_megatron::predictor_fwd", mutates_args=())
-def predictor_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def predictor_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                  wr: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, H], w1 [N, H], b1 [N], w2 [N] (one dtype) -> (shares [ceil(N/BN), T] fp32 whose column sums
-    are w2 . h, h = gelu(x W1^T + b1) [T, N], q = w2 * gelu'(x W1^T + b1) [T, N], both in x's dtype)."""
+    are w2 . h, h = gelu(x W1^T + b1) [T, N], q = w2 * gelu'(x W1^T + b1) [T, N], both in x's dtype,
+    the router's logits x . wr [T] fp32 from the same reads of x, or an empty tensor without wr [H])."""
     t, k = x.shape
     n = w1.shape[0]
     cfg = dict(FWD, BN=min(FWD["BN"], max(16, triton.next_power_of_2(n))))
     h = torch.empty((t, n), dtype=x.dtype, device=x.device)
     q = torch.empty((t, n), dtype=x.dtype, device=x.device)
     parts = torch.empty((triton.cdiv(n, cfg["BN"]), t), dtype=torch.float32, device=x.device)
+    router = torch.empty((t if wr is not None else 0,), dtype=torch.float32, device=x.device)
     wrap_triton(_predictor_fwd_kernel)[(triton.cdiv(t, cfg["BT"]), triton.cdiv(n, cfg["BN"]))](
-        x, w1, b1, w2, h, q, parts, t, k, n, **cfg)
-    return parts, h, q
+        x, w1, b1, w2, h, q, parts, wr if wr is not None else w2, router, t, k, n, ROUTER=wr is not None, **cfg)
+    return parts, h, q, router
 
 
 class FusedPredictor(torch.autograd.Function):
@@ -83,7 +99,7 @@ class FusedPredictor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        parts, h, q = predictor_fwd(x, w1, b1, w2.reshape(-1))
+        parts, h, q, _ = predictor_fwd(x, w1, b1, w2.reshape(-1))
         ctx.save_for_backward(x, h, q)
         return parts.sum(0) + b2.float()
 
@@ -96,3 +112,29 @@ class FusedPredictor(torch.autograd.Function):
         db1 = dpre.float().sum(0).to(x.dtype)
         dw2 = (g * h.float()).sum(0).to(x.dtype).unsqueeze(0)
         return None, dw1, db1, dw2, g.sum().view(1).to(x.dtype)
+
+
+class RouterAndPredictor(torch.autograd.Function):
+    """(router logits x . wr, predictor logits) [T] fp32 for x [T, H] (contiguous) from one read of x: the
+    forward kernel computes both, and the backward's one GEMM gives both weight gradients,
+    [g_pred * q | g_router | 0]^T x (the zero columns keep the GEMM's operand rows 16-byte aligned).
+    x's gradient is the router's alone, g_router wr (the predictor's input is detached)."""
+
+    @staticmethod
+    def forward(ctx, x, wr, w1, b1, w2, b2):
+        parts, h, q, router = predictor_fwd(x, w1, b1, w2.reshape(-1), wr)
+        ctx.save_for_backward(x, h, q, wr)
+        return router, parts.sum(0) + b2.float()
+
+    @staticmethod
+    def backward(ctx, grad_router, grad_pred):
+        x, h, q, wr = ctx.saved_tensors
+        n = q.shape[1]
+        g, gr = grad_pred.float().unsqueeze(1), grad_router.float().unsqueeze(1)
+        dpre = (g * q.float()).to(x.dtype)  # the gradient of pre = x W1^T + b1, [T, N]
+        pad = (-(n + 1)) % 8
+        both = torch.cat([dpre, gr.to(x.dtype), dpre.new_zeros(dpre.shape[0], pad)], dim=1).t().mm(x)
+        grad_x = (gr * wr.float()).to(x.dtype)
+        db1 = dpre.float().sum(0).to(x.dtype)
+        dw2 = (g * h.float()).sum(0).to(x.dtype).unsqueeze(0)
+        return (grad_x, both[n].to(wr.dtype), both[:n], db1, dw2, g.sum().view(1).to(x.dtype))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from mod_megatron.model.fused_layer import block
-from mod_megatron.model.predictor import bce_sum, predictor_logits
+from mod_megatron.model.predictor import bce_sum, kernel_applies, predictor_logits
 from mod_megatron.model.router import gather_positions, topk_route
 
 
@@ -119,8 +119,16 @@ def routed_forward(x, router_w, pred_params, params, rope, meta: tuple, routing:
     predictor logits [S,B] or None); all but the output and the loss are detached.
     """
     capacity, weight_kind, router_loss_w, pred_loss_w, run_predictor, triton = routing
-    s, b, _ = x.shape
-    logits = _RouterScore.apply(x, router_w)  # [S, B], fp32, one read of x
+    s, b, h = x.shape
+    pred = None
+    if run_predictor and triton and kernel_applies(x, *pred_params[:2]):
+        # router score and predictor from one read of x, both weight gradients from one GEMM
+        from mod_megatron.kernels.predictor_triton import RouterAndPredictor
+
+        logits, pred = RouterAndPredictor.apply(x.reshape(s * b, h).contiguous(), router_w, *pred_params)
+        logits, pred = logits.view(s, b), pred.view(s, b)
+    else:
+        logits = _RouterScore.apply(x, router_w)  # [S, B], fp32, one read of x
     chosen = topk_route(logits, capacity, weight_kind, triton)
     index, r = chosen.index, chosen.weight
     slot = _slots(index, s)
@@ -128,13 +136,14 @@ def routed_forward(x, router_w, pred_params, params, rope, meta: tuple, routing:
     y = block(xr, params, rope and gather_positions(rope, index), meta, residual_gemm=False, main_grads=main_grads)
     out = _CombineRows.apply(x, xr, y, r, index, slot)
 
-    loss, pred = None, None
+    loss = None
     if router_loss_w > 0 or pred_loss_w > 0:
         target = (slot >= 0).float()  # top-k membership
     if router_loss_w > 0:
         loss = bce_sum(logits, target) * (router_loss_w / (s * b))
     if run_predictor:
-        pred = predictor_logits(x, *pred_params, fused=triton)
+        if pred is None:
+            pred = predictor_logits(x, *pred_params, fused=triton)
         if pred_loss_w > 0:
             term = bce_sum(pred, target) * (pred_loss_w / (s * b))
             loss = term if loss is None else loss + term

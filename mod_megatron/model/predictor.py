@@ -45,13 +45,22 @@ def predictor_logits(hidden_states: torch.Tensor, w1, b1, w2, b2, fused: bool = 
     tensor and the hidden layer is at most MAX_UNITS wide (H <= 2048); the F.linear form below is the
     reference and the CPU path."""
     x = hidden_states.detach().to(w1.dtype)
-    if fused and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and b1 is not None:
-        from mod_megatron.kernels.predictor_triton import MAX_UNITS, FusedPredictor
+    if fused and kernel_applies(x, w1, b1):
+        from mod_megatron.kernels.predictor_triton import FusedPredictor
 
-        if w1.shape[0] <= MAX_UNITS:
-            flat = x.reshape(-1, x.shape[-1]).contiguous()
-            return FusedPredictor.apply(flat, w1, b1, w2, b2).view(x.shape[:-1])
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        return FusedPredictor.apply(flat, w1, b1, w2, b2).view(x.shape[:-1])
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2).squeeze(-1).float()
+
+
+def kernel_applies(x: torch.Tensor, w1, b1) -> bool:
+    """Can kernels/predictor_triton.py run this predictor on x? (a bf16/fp16 CUDA tensor of w1's dtype,
+    biases, at most MAX_UNITS hidden units); the caller has chosen the Triton kernels (mod.fused_routing)."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == w1.dtype and b1 is not None):
+        return False
+    from mod_megatron.kernels.predictor_triton import MAX_UNITS
+
+    return w1.shape[0] <= MAX_UNITS
 
 
 def bce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

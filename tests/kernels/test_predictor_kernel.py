@@ -107,3 +107,35 @@ def test_inside_a_compiled_function():
     _close(logits, ref_logits, "compiled logits", floor=0.1)
     for got, want in zip(grads, ref_grads):
         _close(got, want, "compiled grads")
+
+
+@pytest.mark.parametrize("shape", [(37, 3, 200), (130, 2, 1024), (65, 3, 2056)], ids=str)
+def test_router_and_predictor_from_one_read_match_the_two_references(shape):
+    """The routed layer's fused scores: router logits x . wr (with x's gradient) and the predictor's
+    (detached input), the forward in one kernel, both weight gradients from one GEMM."""
+    from mod_megatron.kernels.predictor_triton import RouterAndPredictor
+
+    pred, x, target = _case(shape, seed=3)
+    s, b, h = shape
+    wr = torch.randn(h, generator=torch.Generator().manual_seed(4)).mul(0.05).to(DEVICE, DTYPE).requires_grad_(True)
+    mix = torch.randn(s, b, generator=torch.Generator().manual_seed(5)).to(DEVICE)  # the router logits' gradient
+
+    def run(fused):
+        xx = x.clone().requires_grad_(True)
+        wr.grad = None
+        for p in pred.parameters():
+            p.grad = None
+        if fused:
+            r, p = RouterAndPredictor.apply(xx.reshape(s * b, h), wr, *pred.weights())
+            r, p = r.view(s, b), p.view(s, b)
+        else:
+            r, p = (xx.float() * wr.float()).sum(-1), predictor_logits(xx, *pred.weights())
+        loss = (r * mix).sum() + torch.nn.functional.binary_cross_entropy_with_logits(p, target, reduction="sum")
+        loss.backward()
+        return [r.detach(), p.detach(), xx.grad, wr.grad] + [q.grad for q in pred.weights()]
+
+    names = ["router logits", "predictor logits", "x grad", "router weight grad", "fc1.weight", "fc1.bias",
+             "fc2.weight", "fc2.bias"]
+    for name, got, want in zip(names, run(True), run(False)):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        _close(got, want, name, floor=0.1 if "logits" in name else 1e-6)
