@@ -1,6 +1,7 @@
-"""The Triton predictor kernels (kernels/predictor_triton.py) against the F.linear predictor of
+"""The Triton predictor kernel (kernels/predictor_triton.py) against the F.linear predictor of
 model/predictor.py: the same logits and the same weight gradients (bf16 tolerance) on odd sizes, through
-`predictor_logits(..., fused=True)` eagerly and inside a compiled function (what the routed layer does).
+`predictor_logits(..., fused=True)` eagerly and inside a compiled function; and with the router's score
+from the same kernel (`RouterAndPredictor`, what the compiled routed layer runs) against both references.
 
 They need a CUDA GPU with triton and are skipped elsewhere (CI); `TRITON_INTERPRET=1` runs them on a CPU
 through Triton's interpreter in fp32 (the compiled one excepted).
