@@ -4,8 +4,8 @@ Every routed layer runs its predictor MLP (H -> H/8 -> 1, model/predictor.py) on
 and weight gradients, whatever the capacity. This times one forward+backward of it (logits, a BCE loss,
 the weight gradients) at the shapes of the block and model benchmarks, both ways inside one compiled
 function, each captured in a CUDA graph and replayed (bench_block.graphed_us), and prints us per call.
-`--sweep` also times the forward kernel's launch shapes (kernels/predictor_triton.py FWD), eagerly, at
-the first two shapes. GPU only.
+`--sweep` also times the forward kernel alone (with the router score, as the routed layer runs it) at its
+launch shapes (kernels/predictor_triton.py FWD), at the first two shapes. GPU only.
 """
 from __future__ import annotations
 
@@ -46,12 +46,12 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=["8192x1024", "8192x2048", "32768x1024", "8192x4096"],
                    help="TOKENSxHIDDEN")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--sweep", action="store_true", help="also time the kernels' launch shapes (eager)")
+    p.add_argument("--sweep", action="store_true", help="also time the forward kernel at its launch shapes")
     args = p.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU with triton")
+        raise SystemExit("error: bench_predictor.py needs a CUDA GPU (the predictor kernel is Triton on CUDA)")
     warnings.filterwarnings("ignore")
     import bench_block as bb
     from mod_megatron.kernels import predictor_triton as K
@@ -66,14 +66,18 @@ def main(argv=None) -> int:
         print(f"| {t} | {h} | {ref:.1f} | {got:.1f} | {ref / got:.2f}x |", flush=True)
     if args.sweep:
         default = dict(K.FWD)
-        print("\n| tokens | H | BT | BN | BK | warps | fwd+bwd us |")
+        print("\n| tokens | H | BT | BN | BK | warps | forward kernel us (with the router score) |")
         print("|---|---|---|---|---|---|---|")
         for shape in args.shapes[:2]:
             t, h = (int(v) for v in shape.split("x"))
+            torch.manual_seed(0)
+            x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+            w1, wr = torch.randn(h // 8, h, device="cuda", dtype=torch.bfloat16), torch.randn_like(x[0])
+            b1, w2 = torch.randn_like(w1[:, 0]), torch.randn_like(w1[:, 0])
             for bt, bn, bk, warps in itertools.product((32, 64, 128), (64, 128), (64, 128), (4, 8)):
                 K.FWD.update(BT=bt, BN=bn, BK=bk, num_warps=warps)
                 try:
-                    us = f"{bb.graphed_us(step_fn(t, h, fused=True, compiled=False), args.iters):.1f}"
+                    us = f"{bb.graphed_us(lambda: K.predictor_fwd(x, w1, b1, w2, wr), args.iters):.1f}"
                 except Exception as e:  # e.g. out of shared memory for this shape
                     us = f"failed ({type(e).__name__})"
                 print(f"| {t} | {h} | {bt} | {bn} | {bk} | {warps} | {us} |", flush=True)
