@@ -93,32 +93,13 @@ def predictor_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch
     return parts, h, q, router
 
 
-class FusedPredictor(torch.autograd.Function):
-    """logits [T] fp32 of the predictor MLP on x [T, H] (contiguous; no gradient for x), the forward through
-    the kernel, the backward as one GEMM and column sums."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        parts, h, q, _ = predictor_fwd(x, w1, b1, w2.reshape(-1))
-        ctx.save_for_backward(x, h, q)
-        return parts.sum(0) + b2.float()
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, h, q = ctx.saved_tensors
-        g = grad.float().unsqueeze(1)
-        dpre = (g * q.float()).to(x.dtype)  # the gradient of pre = x W1^T + b1, [T, N]
-        dw1 = dpre.t().mm(x)
-        db1 = dpre.float().sum(0).to(x.dtype)
-        dw2 = (g * h.float()).sum(0).to(x.dtype).unsqueeze(0)
-        return None, dw1, db1, dw2, g.sum().view(1).to(x.dtype)
-
-
 class RouterAndPredictor(torch.autograd.Function):
-    """(router logits x . wr, predictor logits) [T] fp32 for x [T, H] (contiguous) from one read of x: the
-    forward kernel computes both, and the backward's one GEMM gives both weight gradients,
-    [g_pred * q | g_router | 0]^T x (the zero columns keep the GEMM's operand rows 16-byte aligned).
-    x's gradient is the router's alone, g_router wr (the predictor's input is detached)."""
+    """(router logits x . wr, predictor logits) [T] fp32 for x [T, H] (contiguous) from one read of x; with
+    wr None, the predictor alone (the router logits an empty tensor, no gradient for x).
+
+    The forward is the kernel. The backward's one GEMM gives the weight gradients: dW1 = (g * q)^T x, and with
+    the router [g_pred * q | g_router | 0]^T x (the zero columns keep the GEMM's operand rows 16-byte
+    aligned). x's gradient is the router's alone, g_router wr (the predictor's input is detached)."""
 
     @staticmethod
     def forward(ctx, x, wr, w1, b1, w2, b2):
@@ -129,12 +110,15 @@ class RouterAndPredictor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_router, grad_pred):
         x, h, q, wr = ctx.saved_tensors
-        n = q.shape[1]
-        g, gr = grad_pred.float().unsqueeze(1), grad_router.float().unsqueeze(1)
+        g = grad_pred.float().unsqueeze(1)
         dpre = (g * q.float()).to(x.dtype)  # the gradient of pre = x W1^T + b1, [T, N]
-        pad = (-(n + 1)) % 8
-        both = torch.cat([dpre, gr.to(x.dtype), dpre.new_zeros(dpre.shape[0], pad)], dim=1).t().mm(x)
-        grad_x = (gr * wr.float()).to(x.dtype)
         db1 = dpre.float().sum(0).to(x.dtype)
         dw2 = (g * h.float()).sum(0).to(x.dtype).unsqueeze(0)
-        return (grad_x, both[n].to(wr.dtype), both[:n], db1, dw2, g.sum().view(1).to(x.dtype))
+        db2 = g.sum().view(1).to(x.dtype)
+        if wr is None:
+            return None, None, dpre.t().mm(x), db1, dw2, db2
+        n = q.shape[1]
+        gr = grad_router.float().unsqueeze(1)
+        pad = (-(n + 1)) % 8
+        both = torch.cat([dpre, gr.to(x.dtype), dpre.new_zeros(dpre.shape[0], pad)], dim=1).t().mm(x)
+        return (gr * wr.float()).to(x.dtype), both[n].to(wr.dtype), both[:n], db1, dw2, db2

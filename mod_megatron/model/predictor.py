@@ -46,10 +46,10 @@ def predictor_logits(hidden_states: torch.Tensor, w1, b1, w2, b2, fused: bool = 
     reference and the CPU path."""
     x = hidden_states.detach().to(w1.dtype)
     if fused and kernel_applies(x, w1, b1):
-        from mod_megatron.kernels.predictor_triton import FusedPredictor
+        from mod_megatron.kernels.predictor_triton import RouterAndPredictor
 
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        return FusedPredictor.apply(flat, w1, b1, w2, b2).view(x.shape[:-1])
+        return RouterAndPredictor.apply(flat, None, w1, b1, w2, b2)[1].view(x.shape[:-1])
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2).squeeze(-1).float()
 
 

@@ -39,9 +39,9 @@ def _through_kernels(x, w1, b1, w2, b2, fused=True):
     itself, which predictor_logits keeps for CUDA tensors."""
     if CUDA:
         return predictor_logits(x, w1, b1, w2, b2, fused=True)
-    from mod_megatron.kernels.predictor_triton import FusedPredictor
+    from mod_megatron.kernels.predictor_triton import RouterAndPredictor
 
-    return FusedPredictor.apply(x.detach().reshape(-1, x.shape[-1]), w1, b1, w2, b2).view(x.shape[:-1])
+    return RouterAndPredictor.apply(x.detach().reshape(-1, x.shape[-1]), None, w1, b1, w2, b2)[1].view(x.shape[:-1])
 
 
 def _run(pred, x, target, fused, fn=None):
@@ -88,8 +88,8 @@ def test_fused_dispatch_takes_the_kernels_for_bf16_cuda_tensors_only(monkeypatch
     from mod_megatron.kernels import predictor_triton
 
     calls = []
-    apply = predictor_triton.FusedPredictor.apply
-    monkeypatch.setattr(predictor_triton.FusedPredictor, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = predictor_triton.RouterAndPredictor.apply
+    monkeypatch.setattr(predictor_triton.RouterAndPredictor, "apply", lambda *a: calls.append(1) or apply(*a))
     pred, x, target = _case((33, 2, 128))
     predictor_logits(x, *pred.weights(), fused=True)
     assert len(calls) == (1 if CUDA else 0)  # CPU tensors (the interpreter's) take the reference
