@@ -6,8 +6,10 @@ radix select alone took 19-26 us per layer on an H200 (docs/benchmarks.md). Here
 sequence (column b of scores [S, B]) holds the whole column in registers and
 
 1. maps each fp32 score to an integer key with the same order (NaN counts as -inf, -0.0 as +0.0), so
-   the threshold can be found exactly by bisection on integers;
-2. finds the k-th largest key t: 32 halvings of [0, 2^32), each one count of keys >= the midpoint;
+   the threshold can be found exactly by a search on integers;
+2. finds the k-th largest key t by cutting [-2^31, 2^31) in thirds: ROUNDS = 21 rounds, each counting the
+   keys at or above both cuts in one reduction (two 16-bit counts packed in an int32), where halving took
+   32 reductions, each a round of warp shuffles and a barrier (the kernel is latency-bound: B programs);
 3. keeps every key > t, and of the keys == t the earliest ones, as many as make k (ties go to the
    earlier position: one fixed rule, where torch.topk leaves ties unspecified);
 4. writes the kept positions in increasing order with a running count (a cumsum) as the slot.
@@ -25,27 +27,35 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 MAX_SEQ = 16384
+assert MAX_SEQ < 1 << 16, "counts of up to S keys are packed in 16-bit fields"
+ROUNDS = 21  # thirds of a 2^32 range: the widest part after r cuts is at most max(w // 3, w - 2 * (w // 3))
 
 
 @triton.jit
-def _topk_in_order_kernel(scores_ptr, index_ptr, S, K, sc_s, sc_b, ix_s, ix_b, BLOCK_S: tl.constexpr):
+def _topk_in_order_kernel(scores_ptr, index_ptr, S, K, sc_s, sc_b, ix_s, ix_b, BLOCK_S: tl.constexpr,
+                          ROUNDS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pos = tl.arange(0, BLOCK_S)
     live = pos < S
     x = tl.load(scores_ptr + pos.to(tl.int64) * sc_s + b * sc_b, mask=live, other=0.0).to(tl.float32)
     x = tl.where(x == x, x, float("-inf"))
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0: equal scores are ties
-    bits = x.to(tl.int32, bitcast=True).to(tl.int64)
-    # order-preserving integer key in [0, 2^32): negative floats reversed below the non-negative ones
-    key = tl.where(bits >= 0, bits + 2147483648, -bits - 1)
-    key = tl.where(live, key, -1)  # padding lanes rank below every score
-    lo = tl.full([], 0, tl.int64)  # count(key >= lo) >= K always
-    hi = tl.full([], 4294967296, tl.int64)  # count(key >= hi) == 0 < K always
-    for _ in range(32):
-        mid = (lo + hi) // 2
-        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= K
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
+    bits = x.to(tl.int32, bitcast=True)
+    # order-preserving int32 key: negative floats' magnitude bits flipped (NaN and padding never reach 2^31 - 1)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.where(live, key, -2147483648)  # padding lanes rank below every score (-inf is above this)
+    lo = tl.full([], -2147483648, tl.int64)  # count(key >= lo) >= K always
+    hi = tl.full([], 2147483648, tl.int64)  # count(key >= hi) == 0 < K always
+    for _ in range(ROUNDS):  # [lo, hi) in thirds: two counts per round, packed in one int32 reduction
+        third = tl.maximum((hi - lo) // 3, 1)
+        m1, m2 = lo + third, lo + 2 * third
+        t1 = tl.minimum(m1, 2147483647).to(tl.int32)  # no key is 2^31 - 1, so the clamp counts nothing
+        t2 = tl.minimum(m2, 2147483647).to(tl.int32)
+        packed = tl.sum((key >= t1).to(tl.int32) + ((key >= t2).to(tl.int32) << 16), axis=0)
+        c1, c2 = packed & 65535, packed >> 16  # counts <= S <= MAX_SEQ < 2^16
+        lo_new = tl.where(c2 >= K, m2, tl.where(c1 >= K, m1, lo))
+        hi = tl.where(c2 >= K, hi, tl.where(c1 >= K, m2, m1))
+        lo = lo_new
     above = key > lo
     need = K - tl.sum(above.to(tl.int32), axis=0)
     tie = key == lo
@@ -62,5 +72,6 @@ def topk_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     block = triton.next_power_of_2(s)
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     wrap_triton(_topk_in_order_kernel)[(b,)](scores, index, s, k, scores.stride(0), scores.stride(1),
-                                            index.stride(0), index.stride(1), BLOCK_S=block, num_warps=warps)
+                                            index.stride(0), index.stride(1), BLOCK_S=block, ROUNDS=ROUNDS,
+                                            num_warps=warps)
     return index

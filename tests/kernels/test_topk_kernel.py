@@ -64,6 +64,17 @@ def test_nan_infinities_and_signed_zeros():
     assert topk_in_order(all_nan, 4).t().tolist() == [[0, 1, 2, 3]] * 2
 
 
+def test_extreme_magnitudes_keep_their_order():
+    from mod_megatron.kernels.topk_triton import topk_in_order
+
+    big, tiny = torch.finfo(torch.float32).max, 1e-45  # the largest float and the smallest subnormal
+    values = torch.tensor([big, -big, tiny, -tiny, float("inf"), float("-inf"), 1.0, -1.0, 0.0, 3e38, -3e38])
+    g = torch.Generator().manual_seed(2)
+    scores = torch.stack([values[torch.randperm(len(values), generator=g)] for _ in range(3)], 1).to(DEVICE)
+    for k in range(1, len(values) + 1):
+        assert torch.equal(topk_in_order(scores, k), stable_reference(scores, k)), k
+
+
 @pytest.mark.skipif(not CUDA, reason="torch.compile of the op needs a CUDA GPU")
 def test_inside_a_compiled_function():
     def route(x, w, k: int):
