@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from mod_megatron.model.compiled import run
 from mod_megatron.model.fused_norm import norm_kernel_usable, norm_residual
 from mod_megatron.model.rope import rotate_cos_sin
-from mod_megatron.model.wgrad import main_grad_of, wgrad_into_main_grad
+from mod_megatron.model.wgrad import main_grad_of, wgrad_of_weight
 
 FUSED_LAYER_MODES = ("auto", "on", "off")
 # Arguments of TransformerLayer.forward the fused path does not model: any of them set -> megatron's path.
@@ -50,27 +50,26 @@ class _Linear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, main_grad):
+    def forward(ctx, x, w, fused):
         ctx.save_for_backward(x, w)
-        ctx.main_grad = main_grad  # not saved: other writes to DDP's buffer would fail autograd's version check
+        ctx.fused = fused
         return F.linear(x, w)
 
     @staticmethod
     def backward(ctx, grad):
-        return *_linear_grads(grad, *ctx.saved_tensors, ctx.main_grad), None
+        return *_linear_grads(grad, *ctx.saved_tensors, ctx.fused), None
 
 
-def _linear_grads(grad, x, w, main_grad=None):
-    """(grad of x, grad of w) of x @ w.T, dW = dY^T X in the weight's [out, in] layout; with main_grad
-    (model/wgrad.py), dW is added into it by the GEMM and w's gradient is a placeholder DDP drops."""
-    if main_grad is not None:
-        wgrad_into_main_grad(main_grad, grad, x)
-        return grad.matmul(w), torch.empty_like(w)
+def _linear_grads(grad, x, w, fused=False):
+    """(grad of x, grad of w) of x @ w.T, dW = dY^T X in the weight's [out, in] layout; fused (model/wgrad.py):
+    dW is added into w's main_grad by the GEMM and w's gradient is a placeholder DDP drops."""
+    if fused:
+        return grad.matmul(w), wgrad_of_weight(w, grad, x)
     return grad.matmul(w), grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
 
 
-def _linear(x, w, main_grad=None):
-    return _Linear.apply(x, w, main_grad)
+def _linear(x, w, fused=False):
+    return _Linear.apply(x, w, fused)
 
 
 class _LinearResidual(torch.autograd.Function):
@@ -82,20 +81,20 @@ class _LinearResidual(torch.autograd.Function):
     gradient is the output's; x's and w's are _Linear's."""
 
     @staticmethod
-    def forward(ctx, res, x, w, main_grad):
+    def forward(ctx, res, x, w, fused):
         ctx.save_for_backward(x, w)
-        ctx.main_grad = main_grad
+        ctx.fused = fused
         n = w.shape[0]
         return torch.addmm(res.reshape(-1, n), x.reshape(-1, x.shape[-1]), w.t()).view(res.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, *_linear_grads(grad, *ctx.saved_tensors, ctx.main_grad), None
+        return grad, *_linear_grads(grad, *ctx.saved_tensors, ctx.fused), None
 
 
-def _residual_linear(res, x, w, main_grad=None):
+def _residual_linear(res, x, w, fused=False):
     """res + x @ w.T (the residual added inside the GEMM)."""
-    return _LinearResidual.apply(res, x, w, main_grad)
+    return _LinearResidual.apply(res, x, w, fused)
 
 
 def block(x, params, rope, meta: tuple, residual_gemm: bool = True, main_grads=None):
@@ -109,12 +108,12 @@ def block(x, params, rope, meta: tuple, residual_gemm: bool = True, main_grads=N
     residuals inside the output GEMMs (_LinearResidual),
     or as adds the compiler fuses (the routed layers: there, on gathered rows, inductor warned once per
     compiled shape on a GPU, "Constructing input/output tensor meta failed for Extern Choice");
-    main_grads: (qkv, proj, fc1, fc2) weights' fp32 buffers their GEMMs add the weight gradients into
-    (`layer_main_grads`, model/wgrad.py), each None for autograd's way, or None for all four.
+    main_grads: for (qkv, proj, fc1, fc2), whether that weight's GEMM adds its gradient into its fp32
+    main_grad (`layer_main_grads`, model/wgrad.py), or None for autograd's way for all four.
     """
     add = _residual_linear if residual_gemm else (lambda res, a, w, g: res + _linear(a, w, g))
     n1w, n1b, qkv_w, proj_w, n2w, n2b, fc1_w, fc2_w = params
-    qkv_g, proj_g, fc1_g, fc2_g = main_grads or (None,) * 4
+    qkv_g, proj_g, fc1_g, fc2_g = main_grads or (False,) * 4
     norm, eps, groups, per_group, head_dim, scale, act, norm_kernel = meta
     s, b, _ = x.shape
     x, normed = norm_residual(x, n1w, n1b, eps, norm, norm_kernel)
@@ -193,11 +192,12 @@ def layer_params(layer: TransformerLayer) -> tuple:
 
 
 def layer_main_grads(layer: TransformerLayer, enabled: bool) -> Optional[tuple]:
-    """The (qkv, proj, fc1, fc2) weights' main_grad buffers their GEMMs add into (model/wgrad.py), or None."""
+    """For the (qkv, proj, fc1, fc2) weights, whether their GEMMs add into their main_grad (model/wgrad.py,
+    which claims them here), or None for none: flags, not tensors, go into the compiled function."""
     attn, mlp = layer.self_attention, layer.mlp
     weights = (attn.linear_qkv.weight, attn.linear_proj.weight, mlp.linear_fc1.weight, mlp.linear_fc2.weight)
-    grads = tuple(main_grad_of(w, enabled) for w in weights)
-    return None if all(g is None for g in grads) else grads
+    fused = tuple(main_grad_of(w, enabled) is not None for w in weights)
+    return fused if any(fused) else None
 
 
 def layer_meta(layer: TransformerLayer) -> tuple:

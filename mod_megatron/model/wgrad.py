@@ -9,12 +9,20 @@ C and D, bf16 A and B: `torch.addmm(..., out_dtype=torch.float32)`), which is wh
 
 For a routed MoD layer the weight-gradient traffic does not shrink with the capacity while its matmuls
 do: at d=2048 and 1,024 routed tokens the multi-tensor add took 168 us of a 1.08 ms layer step on an H100.
-With this, that graphed layer stepped in 0.98 instead of 1.03 ms; but whole MoD models trained 0.6% (368M)
-and 1.1% (1.3B) slower on an H100, so it is off by default (`model.fused_wgrad`; docs/benchmarks.md,
-eleventh session). In a profile of the 368M MoD model the backward graphs did take 1.1 ms less per step,
-but the step gained three device-to-device copies per layer, under the forward replays in the profile
-(about 0.7 ms a step; source not yet found, not in the compiled layer, whose kernels were unchanged
-when run alone) and the optimizer step measured 0.8 ms longer.
+With this, that graphed layer stepped in 0.98 instead of 1.03 ms. It is on by default since the fourteenth
+session (docs/benchmarks.md), when two things that had made whole MoD models slower with it were fixed;
+same-card A/Bs on an H100 then gave 368M MoD +1.5%, dense +0.8%; 1.3B MoD +0.9%, dense -0.1%:
+
+- The compiled layer no longer sees a main_grad tensor. Handed in as graph inputs (views of DDP's one
+  flat buffer, written in the backward), they made AOTAutograd functionalise the op (`copy_` back into
+  the inputs in its graphs), and the GPU profile of the 368M MoD model showed 6 device copies per dense
+  layer and step in the forward graphs, 1.7 ms a step. Now the layer passes only which of its weights
+  are fused, and `wgrad_of_weight(weight, grad, x)` finds the weight's main_grad by the weight's address
+  (`main_grad_of` records it on every forward that claims the weight) and returns the placeholder
+  gradient: the compiler sees a pure op whose output is used, and keeps it.
+- DDP's buffer had main_grads 4 or 8 bytes off 16-byte alignment (after the MoD predictor's 1-element
+  bias), and cuBLAS ran the accumulating GEMMs into them on slow sm80 kernels; training/builder.py's
+  `odd_sized_params_last` now lays the buffer out aligned.
 
 The contract with megatron-core DDP is the one its own fused linear layers use: the layer sets
 `param.grad_added_to_main_grad = True` in the forward (DDP resets it to False every step), and hands
@@ -29,6 +37,7 @@ from typing import Optional
 import torch
 
 FUSED = "mod_wgrad_into_main_grad"  # attribute set on a parameter whose main_grad the layer's GEMM adds into
+_MAIN_GRADS: dict = {}  # weight.data_ptr() -> (weight shape, main_grad): set by main_grad_of, read by wgrad_of_weight
 
 
 @torch.library.custom_op("mod_megatron::wgrad_into_main_grad", mutates_args=("main_grad",))
@@ -41,6 +50,25 @@ def wgrad_into_main_grad(main_grad: torch.Tensor, grad: torch.Tensor, x: torch.T
         torch.addmm(main_grad, g, a, out_dtype=main_grad.dtype, out=main_grad)
     else:  # mixed dtypes off CUDA (out_dtype is CUDA-only): a GEMM, then the add
         main_grad.add_(g.mm(a))
+
+
+@torch.library.custom_op("mod_megatron::wgrad_of_weight", mutates_args=())
+def wgrad_of_weight(weight: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight's main_grad += grad^T x (`wgrad_into_main_grad`); returns the placeholder gradient for weight.
+
+    The main_grad is the one `main_grad_of(weight, True)` claimed in this forward, found by the weight's
+    address; the add is hidden from the compiler on purpose (see the module's docstring)."""
+    entry = _MAIN_GRADS.get(weight.data_ptr())
+    if entry is None or entry[0] != tuple(weight.shape):
+        raise RuntimeError("model.fused_wgrad: no main_grad was claimed for this weight in its forward "
+                           "(main_grad_of); run with --model.fused_wgrad=false")
+    wgrad_into_main_grad(entry[1], grad, x)
+    return torch.empty_like(weight)
+
+
+@wgrad_of_weight.register_fake
+def _(weight, grad, x):
+    return torch.empty_like(weight)
 
 
 def main_grad_of(weight: torch.Tensor, enabled: bool) -> Optional[torch.Tensor]:
@@ -57,6 +85,7 @@ def main_grad_of(weight: torch.Tensor, enabled: bool) -> Optional[torch.Tensor]:
         return None
     weight.grad_added_to_main_grad = True  # DDP's hook: the gradient is in main_grad already
     setattr(weight, FUSED, True)
+    _MAIN_GRADS[weight.data_ptr()] = (tuple(weight.shape), main_grad)  # for wgrad_of_weight in the backward
     return main_grad
 
 

@@ -42,6 +42,36 @@ def parallel_overrides(cfg: Config, pipeline_layout: Optional[str] = None) -> di
     return overrides
 
 
+ALIGN = 16  # elements: 64 bytes of an fp32 main_grad (32 of a bf16 one)
+
+
+@contextlib.contextmanager
+def odd_sized_params_last(module: torch.nn.Module):
+    """While megatron-core DDP is built: list the parameters whose size is not a multiple of ALIGN first.
+
+    DDP lays each dtype's gradients (`main_grad`) out in one flat buffer, in the reverse of
+    `named_parameters()` order, padded between parameters only for the distributed optimizer. One
+    parameter of odd size (the MoD predictor's output bias has 1 element) then shifts every main_grad
+    after it off 16-byte alignment: in the 368M MoD model on an H100 they started 4 or 8 bytes past it,
+    cuBLAS ran `model.fused_wgrad`'s accumulating GEMMs on sm80 fallback kernels (~3x slower), and the
+    graph chain's multi-tensor add left them to torch's per-parameter add_. Listed first, the odd ones
+    lie at the buffer's end, after every other gradient. Only the buffer's order changes: checkpoints
+    are by name ("fully_reshardable" for the distributed optimizer), and the few moved parameters are
+    reduced with the last bucket.
+    """
+    named = module.named_parameters
+
+    def odd_first(*args, **kwargs):
+        items = list(named(*args, **kwargs))
+        return iter([kv for kv in items if kv[1].numel() % ALIGN] + [kv for kv in items if not kv[1].numel() % ALIGN])
+
+    module.named_parameters = odd_first  # an instance attribute: parameters() goes through it too
+    try:
+        yield
+    finally:
+        del module.named_parameters
+
+
 def build_model_chunks(cfg: Config, device: torch.device, wrap_ddp: bool = True,
                        pipeline_layout: Optional[str] = None):
     """The local model chunks (one, or vpp with virtual pipeline stages), each wrapped in DDP."""
@@ -73,11 +103,11 @@ def build_model_chunks(cfg: Config, device: torch.device, wrap_ddp: bool = True,
     )
     graphs = cfg.train.cuda_graphs and device.type == "cuda"
     with cuda_graphs.on_capture_stream() if graphs else contextlib.nullcontext():
-        wrapped = [
-            DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
-                                    disable_bucketing=(i > 0))
-            for i, chunk in enumerate(chunks)
-        ]
+        wrapped = []
+        for i, chunk in enumerate(chunks):
+            with odd_sized_params_last(chunk):
+                wrapped.append(DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
+                                                       disable_bucketing=(i > 0)))
     # megatron's schedules call these hooks: grads are all-reduced across DP (and, for params shared
     # between stages or marked sequence_parallel, across PP/TP) before the optimizer step.
     tcfg.finalize_model_grads_func = finalize_model_grads
