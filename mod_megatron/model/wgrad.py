@@ -32,12 +32,15 @@ chain (training/graph_chain.py) leaves parameters marked `FUSED` out of its own 
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 
 FUSED = "mod_wgrad_into_main_grad"  # attribute set on a parameter whose main_grad the layer's GEMM adds into
-_MAIN_GRADS: dict = {}  # weight.data_ptr() -> (weight shape, main_grad): set by main_grad_of, read by wgrad_of_weight
+# weight.data_ptr() -> (weight shape, weak reference to its main_grad): set by main_grad_of, read by
+# wgrad_of_weight; weak, so that a discarded model's gradient buffers are not kept alive by this table
+_MAIN_GRADS: dict = {}
 
 
 @torch.library.custom_op("mod_megatron::wgrad_into_main_grad", mutates_args=("main_grad",))
@@ -59,10 +62,11 @@ def wgrad_of_weight(weight: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -
     The main_grad is the one `main_grad_of(weight, True)` claimed in this forward, found by the weight's
     address; the add is hidden from the compiler on purpose (see the module's docstring)."""
     entry = _MAIN_GRADS.get(weight.data_ptr())
-    if entry is None or entry[0] != tuple(weight.shape):
+    main_grad = entry[1]() if entry is not None and entry[0] == tuple(weight.shape) else None
+    if main_grad is None:
         raise RuntimeError("model.fused_wgrad: no main_grad was claimed for this weight in its forward "
                            "(main_grad_of); run with --model.fused_wgrad=false")
-    wgrad_into_main_grad(entry[1], grad, x)
+    wgrad_into_main_grad(main_grad, grad, x)
     return torch.empty_like(weight)
 
 
@@ -85,7 +89,7 @@ def main_grad_of(weight: torch.Tensor, enabled: bool) -> Optional[torch.Tensor]:
         return None
     weight.grad_added_to_main_grad = True  # DDP's hook: the gradient is in main_grad already
     setattr(weight, FUSED, True)
-    _MAIN_GRADS[weight.data_ptr()] = (tuple(weight.shape), main_grad)  # for wgrad_of_weight in the backward
+    _MAIN_GRADS[weight.data_ptr()] = (tuple(weight.shape), weakref.ref(main_grad))  # for wgrad_of_weight
     return main_grad
 
 

@@ -54,6 +54,25 @@ def test_only_weights_of_megatron_ddp_with_fp32_main_grad_are_claimed():
     assert w.grad_added_to_main_grad and fused_into_main_grad(w) and getattr(w, FUSED)
 
 
+def test_the_op_finds_the_claimed_main_grad_by_the_weights_address_and_nothing_else():
+    import gc
+
+    from mod_megatron.model.wgrad import wgrad_of_weight
+
+    w = _ddp_like(torch.nn.Parameter(torch.zeros(5, 11)))
+    grad, x = torch.ones(7, 5), torch.ones(7, 11)
+    with pytest.raises(RuntimeError, match="fused_wgrad=false"):
+        wgrad_of_weight(torch.nn.Parameter(torch.zeros(5, 11)), grad, x)  # never claimed
+    assert main_grad_of(w, True) is w.main_grad
+    placeholder = wgrad_of_weight(w, grad, x)
+    assert placeholder.shape == w.shape and placeholder.data_ptr() != w.main_grad.data_ptr()
+    torch.testing.assert_close(w.main_grad, torch.full((5, 11), 7.0))  # 7 tokens of 1 x 1
+    del w.main_grad
+    gc.collect()
+    with pytest.raises(RuntimeError, match="fused_wgrad=false"):  # the table does not keep it alive
+        wgrad_of_weight(w, grad, x)
+
+
 def _ddp_step(megatron_single_rank, fused_wgrad: bool, *extra):
     """Two micro-batches through a DDP-wrapped tiny MoD GPT on the fused path; (main grads, parameters)."""
     from mod_megatron.training.builder import build_model_chunks
