@@ -23,8 +23,9 @@ def _misaligned(ddp) -> list:
     return out
 
 
-@pytest.mark.parametrize("extra", [[], ["--parallel.bucket_size=4096"], ["--mod.enabled=false"]],
-                         ids=["mod", "mod-small-buckets", "dense"])
+@pytest.mark.parametrize("extra", [[], ["--parallel.bucket_size=4096"], ["--mod.enabled=false"],
+                                   ["--train.distributed_optimizer=true"]],
+                         ids=["mod", "mod-small-buckets", "dense", "distributed-optimizer"])
 def test_main_grads_of_aligned_sizes_start_aligned(megatron_single_rank, extra):
     cfg = load_config(None, TINY + list(extra))
     seed_all(0)
