@@ -105,6 +105,24 @@ def layer_stack_step(layers, x, rope, cot) -> tuple:
     return h.detach().clone(), x.grad.clone(), grads, {k: v.clone() for k, v in layers[1].last_aux.items()}
 
 
+def trace_fused_functions(monkeypatch, backend) -> dict:
+    """Run the fused paths' functions (model.fused_layer's `block`, `routed_forward`) through
+    `torch.compile(backend=backend, fullgraph=True)` on any device; returns {function: compiled}, filled
+    as they are first called."""
+    from mod_megatron.model import fused_layer, mod_layer
+
+    traced = {}
+
+    def run_traced(fn, mode, x, *args, option, dynamic=False):
+        if fn not in traced:
+            traced[fn] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)
+        return traced[fn](x, *args)
+
+    monkeypatch.setattr(fused_layer, "run", run_traced)
+    monkeypatch.setattr(mod_layer, "run", run_traced)
+    return traced
+
+
 def seed_all(seed: int) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -97,7 +97,7 @@ def _residual_linear(res, x, w, fused=False):
     return _LinearResidual.apply(res, x, w, fused)
 
 
-def block(x, params, rope, meta: tuple, residual_gemm: bool = True, main_grads=None):
+def block(x, params, rope, meta: tuple, residual_gemm: bool = True, fused_wgrads=None):
     """The layer's output for input x [s, b, H] (megatron's TransformerLayer forward, no dropout/bias).
 
     params: (norm1 weight, norm1 bias, qkv weight, proj weight, norm2 weight, norm2 bias, fc1 weight,
@@ -108,32 +108,32 @@ def block(x, params, rope, meta: tuple, residual_gemm: bool = True, main_grads=N
     residuals inside the output GEMMs (_LinearResidual),
     or as adds the compiler fuses (the routed layers: there, on gathered rows, inductor warned once per
     compiled shape on a GPU, "Constructing input/output tensor meta failed for Extern Choice");
-    main_grads: for (qkv, proj, fc1, fc2), whether that weight's GEMM adds its gradient into its fp32
-    main_grad (`layer_main_grads`, model/wgrad.py), or None for autograd's way for all four.
+    fused_wgrads: for (qkv, proj, fc1, fc2), whether that weight's GEMM adds its gradient into its fp32
+    main_grad (`layer_fused_wgrads`, model/wgrad.py), or None for autograd's way for all four.
     """
-    add = _residual_linear if residual_gemm else (lambda res, a, w, g: res + _linear(a, w, g))
+    add = _residual_linear if residual_gemm else (lambda res, a, w, fused: res + _linear(a, w, fused))
     n1w, n1b, qkv_w, proj_w, n2w, n2b, fc1_w, fc2_w = params
-    qkv_g, proj_g, fc1_g, fc2_g = main_grads or (False,) * 4
+    qkv_f, proj_f, fc1_f, fc2_f = fused_wgrads or (False,) * 4
     norm, eps, groups, per_group, head_dim, scale, act, norm_kernel = meta
     s, b, _ = x.shape
     x, normed = norm_residual(x, n1w, n1b, eps, norm, norm_kernel)
     # megatron's grouped QKV layout: per query group, its query heads, then one key and one value head
-    qkv = _linear(normed, qkv_w, qkv_g).view(s, b, groups, per_group + 2, head_dim)
+    qkv = _linear(normed, qkv_w, qkv_f).view(s, b, groups, per_group + 2, head_dim)
     q = qkv[:, :, :, :per_group].reshape(s, b, groups * per_group, head_dim)
     k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]
     if rope is not None:
         q, k = rotate_cos_sin(q, rope[0], rope[1]), rotate_cos_sin(k, rope[2], rope[3])
     o = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
                                        is_causal=s > 1, scale=scale, enable_gqa=groups != groups * per_group)
-    h = add(x, o.permute(2, 0, 1, 3).reshape(s, b, -1), proj_w, proj_g)  # [b, heads, s, d] -> [s, b, H]
+    h = add(x, o.permute(2, 0, 1, 3).reshape(s, b, -1), proj_w, proj_f)  # [b, heads, s, d] -> [s, b, H]
     h, normed = norm_residual(h, n2w, n2b, eps, norm, norm_kernel)
-    f = _linear(normed, fc1_w, fc1_g)
+    f = _linear(normed, fc1_w, fc1_f)
     if act == "swiglu":
         gate, lin = torch.chunk(f, 2, dim=-1)
         f = F.silu(gate) * lin
     else:
         f = F.gelu(f)
-    return add(h, f, fc2_w, fc2_g)
+    return add(h, f, fc2_w, fc2_f)
 
 
 def rope_tables(rotary_pos_emb, dtype: torch.dtype):
@@ -191,7 +191,7 @@ def layer_params(layer: TransformerLayer) -> tuple:
             n2.weight, getattr(n2, "bias", None), mlp.linear_fc1.weight, mlp.linear_fc2.weight)
 
 
-def layer_main_grads(layer: TransformerLayer, enabled: bool) -> Optional[tuple]:
+def layer_fused_wgrads(layer: TransformerLayer, enabled: bool) -> Optional[tuple]:
     """For the (qkv, proj, fc1, fc2) weights, whether their GEMMs add into their main_grad (model/wgrad.py,
     which claims them here), or None for none: flags, not tensors, go into the compiled function."""
     attn, mlp = layer.self_attention, layer.mlp
@@ -236,5 +236,5 @@ class FusedTransformerLayer(TransformerLayer):
             return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
         out = run(block, self.fused_layer, hidden_states, layer_params(self),
                   rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self), True,
-                  layer_main_grads(self, self.fused_wgrad), option="model.fused_layer")
+                  layer_fused_wgrads(self, self.fused_wgrad), option="model.fused_layer")
         return out, None

@@ -107,13 +107,13 @@ class _RouterScore(torch.autograd.Function):
         return grad_x, grad_w.to(w.dtype)
 
 
-def routed_forward(x, router_w, pred_params, params, rope, meta: tuple, routing: tuple, main_grads=None):
+def routed_forward(x, router_w, pred_params, params, rope, meta: tuple, routing: tuple, fused_wgrads=None):
     """One MoD layer on x [S, B, H] with top-k routing.
 
     router_w: [H]; pred_params: (fc1 weight, fc1 bias, fc2 weight, fc2 bias) or None; params/rope/meta:
     the TransformerLayer's (model/fused_layer.py), rope's tables per position [S, 1, 1, d]; routing: (capacity,
     router weight kind, router aux weight, predictor aux weight, run the predictor?, Triton kernels for the
-    top-k and the predictor?) with a weight of 0 meaning "no such loss"; main_grads: as block's
+    top-k and the predictor?) with a weight of 0 meaning "no such loss"; fused_wgrads: as block's
     (model/fused_layer.py).
     Returns (output [S,B,H], aux loss or None, index [k,B], router weight [k,B], logits [S,B],
     predictor logits [S,B] or None); all but the output and the loss are detached.
@@ -133,7 +133,7 @@ def routed_forward(x, router_w, pred_params, params, rope, meta: tuple, routing:
     index, r = chosen.index, chosen.weight
     slot = _slots(index, s)
     xr = _GatherRows.apply(x, index, slot)
-    y = block(xr, params, rope and gather_positions(rope, index), meta, residual_gemm=False, main_grads=main_grads)
+    y = block(xr, params, rope and gather_positions(rope, index), meta, residual_gemm=False, fused_wgrads=fused_wgrads)
     out = _CombineRows.apply(x, xr, y, r, index, slot)
 
     loss = None

@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from mod_megatron.kernels.routing import combine_tokens, gather_tokens, use_fused
 from mod_megatron.model.compiled import run
-from mod_megatron.model.fused_layer import (FusedTransformerLayer, layer_main_grads, layer_meta, layer_params,
+from mod_megatron.model.fused_layer import (FusedTransformerLayer, layer_fused_wgrads, layer_meta, layer_params,
                                             rope_tables)
 from mod_megatron.model.fused_mod import routed_forward
 from mod_megatron.model.predictor import Predictor, attach_aux_loss, aux_stats, bce_sum, install_aux_loss_scale
@@ -160,7 +160,7 @@ class MoDTransformerLayer(FusedTransformerLayer):
         output, loss, index, weight, logits, pred = run(
             routed_forward, self.fused_layer, hidden_states, self.router.weight, pred_params, layer_params(self),
             rope_tables(rotary_pos_emb, hidden_states.dtype), layer_meta(self), routing,
-            layer_main_grads(self, self.fused_wgrad), option="model.fused_layer")
+            layer_fused_wgrads(self, self.fused_wgrad), option="model.fused_layer")
         self.last_routing = Routing(index=index, weight=weight, logits=logits)
         self._aux_inputs = {"logits": logits, "index": index, "seq_len": seq_len, "first": 0, "pred": pred}
         self._aux_stats = None

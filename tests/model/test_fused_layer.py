@@ -15,7 +15,7 @@ import torch
 from mod_megatron.config import load_config
 from mod_megatron.model.fused_layer import FusedTransformerLayer
 from mod_megatron.model.mod_layer import MoDTransformerLayer, mod_layers
-from tests.conftest import TINY, dense_and_mod_layers, layer_stack_step, tiny_trainer_runs
+from tests.conftest import TINY, dense_and_mod_layers, layer_stack_step, tiny_trainer_runs, trace_fused_functions
 
 CUDA = torch.cuda.is_available()
 
@@ -190,21 +190,12 @@ def test_fused_cross_entropy_only_for_gpu_training_with_fused_layers(monkeypatch
 def test_fused_functions_trace_as_one_graph_each(build_gpt, monkeypatch):
     """dynamo + AOTAutograd (the `aot_eager` backend: no compiler needed) trace the dense layer and the whole
     routed MoD forward, backward included, without a graph break, and give the eager functions' results."""
-    from mod_megatron.model import fused_layer, mod_layer
-
     tokens = torch.randint(0, 100, (2, 33), generator=torch.Generator().manual_seed(0))
     traced = {}
-
-    def run_traced(fn, mode, x, *args, option, dynamic=False):
-        if fn not in traced:
-            traced[fn] = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=dynamic)
-        return traced[fn](x, *args)
-
     results = []
     for trace in (False, True):
         if trace:
-            monkeypatch.setattr(fused_layer, "run", run_traced)
-            monkeypatch.setattr(mod_layer, "run", run_traced)
+            traced = trace_fused_functions(monkeypatch, "aot_eager")
         _, model = build_gpt("--model.fused_layer=on", "--mod.router_init_std=0.5", seed=0)
         loss = model(tokens[:, :-1], torch.arange(32).expand(2, 32), None, labels=tokens[:, 1:]).mean()
         loss.backward()

@@ -12,7 +12,7 @@ import torch
 
 from mod_megatron.config import load_config
 from mod_megatron.model.wgrad import FUSED, fused_into_main_grad, main_grad_of, wgrad_into_main_grad
-from tests.conftest import TINY, seed_all
+from tests.conftest import TINY, seed_all, trace_fused_functions
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -116,25 +116,14 @@ def test_compiled_layers_add_into_main_grad_without_copying_it(megatron_single_r
     a step in the 368M MoD model)."""
     from torch._dynamo.backends.common import aot_autograd
 
-    from mod_megatron.model import fused_layer, mod_layer
-
     graphs = []
 
     def keep(gm, example_inputs):
         graphs.append(gm)
         return gm
 
-    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
-    traced = {}
-
-    def run_traced(fn, mode, x, *args, option, dynamic=False):
-        if fn not in traced:
-            traced[fn] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)
-        return traced[fn](x, *args)
-
     want, _ = _ddp_step(megatron_single_rank, False)
-    monkeypatch.setattr(fused_layer, "run", run_traced)
-    monkeypatch.setattr(mod_layer, "run", run_traced)
+    traced = trace_fused_functions(monkeypatch, aot_autograd(fw_compiler=keep, bw_compiler=keep))
     got, fused = _ddp_step(megatron_single_rank, True)
     assert {f.__name__ for f in traced} == {"block", "routed_forward"} and len(graphs) >= 4  # fwd + bwd each
     assert sum(fused_into_main_grad(p) for p in fused.values()) == 4 * 4
