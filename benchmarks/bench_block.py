@@ -115,20 +115,27 @@ def with_main_grads(layer):
     return layer
 
 
-def graphed_step(layer, x, rope):
-    """(graphs, step) for the layer graphed as in training (train.cuda_graphs), or an error string.
+def graphed_steps(layer, x, rope):
+    """(graphs, {"later": step, "first": step}) for the layer graphed as in training (train.cuda_graphs),
+    or an error string.
 
-    The first step captures. The returned step then runs on the graph's own input and output-gradient
+    The first step captures. The returned steps then run on the graph's own input and output-gradient
     buffers, as a layer inside a chain of graphed layers does (each reads the previous one's output
     where it lies, graph_chain.py): no copy in or out per step, which a lone graphed layer fed other
     tensors would make (two passes over [S, B, H] that no layer of a training stack makes).
+    "later" is a micro-batch after a step's first: the fused GEMMs add the weight gradients into main_grad.
+    "first" is a step's first micro-batch (as every one is at one micro-batch per step): the flags DDP's
+    `zero_grad_buffer` resets are reset before it, so those GEMMs write instead (model/wgrad.py); the
+    buffer's own zeroing, once per step for the whole model, is not timed.
     """
     from mod_megatron.training.cuda_graphs import ChunkGraphs
+    from mod_megatron.training.graph_chain import ADD, WRITE
 
     graphs = ChunkGraphs([with_main_grads(layer)])
     grad = output_grad(x)
-    try:
-        make_step(layer, x, rope, grad)()  # the first training forward captures
+    try:  # with_main_grads reset the flags: the first step captures the WRITE chain, the second the ADD one
+        for _ in range(2):
+            make_step(layer, x, rope, grad)()
     except Exception as e:  # report it (full traceback on stderr), keep the eager numbers
         import traceback
 
@@ -136,21 +143,39 @@ def graphed_step(layer, x, rope):
         return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     if graphs.graphed is None:
         return "not captured (the layer ran eagerly)"
-    link = graphs.links[0]  # the capturing step copied x and grad into these
-    return graphs, make_step(layer, link.static_in, rope, link.grad_out)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step_of(variant):
+        chain = graphs.chains[variant]  # with model.fused_wgrad=false, one chain for both
+        link = chain.links[0]  # the capturing steps copied x and grad into these
+        step = make_step(layer, link.static_in, rope, link.grad_out)
+
+        def run():
+            if variant == WRITE:
+                for p in params:
+                    p.grad_added_to_main_grad = False  # what zero_grad_buffer does to the flags
+            step()
+            assert graphs.chains[graphs.variant] is chain
+        return run
+    return graphs, {"later": step_of(ADD), "first": step_of(WRITE)}
 
 
-def time_graphed(layer, x, rope, warmup: int, iters: int):
-    """ms per fwd+bwd with the layer graphed as in training (`graphed_step`), or why capture failed."""
-    got = graphed_step(layer, x, rope)
+def time_graphed(layer, x, rope, warmup: int, iters: int, rounds: int = 3) -> dict:
+    """{"later": ms, "first": ms} per fwd+bwd with the layer graphed as in training (`graphed_steps`): the
+    best of `rounds` rounds of `iters` steps each, the two kinds taking turns (so that neither is timed
+    on a card warmer than the other's), or why capture failed."""
+    got = graphed_steps(layer, x, rope)
     if isinstance(got, str):
         return got
-    graphs, step = got
-    replays, copies = graphs.replays, graphs.copies
-    t = time_fn(step, warmup, iters, True)
-    assert graphs.replays >= replays + iters, "the timed steps did not replay the graph"
-    assert graphs.copies == copies, "the timed steps copied their input or output gradient"
-    return t
+    graphs, steps = got
+    times = {name: float("inf") for name in steps}
+    for r in range(rounds):
+        for name, step in steps.items():
+            replays, copies = graphs.replays, graphs.copies
+            times[name] = min(times[name], time_fn(step, warmup if r == 0 else 0, iters, True))
+            assert graphs.replays >= replays + iters, "the timed steps did not replay the graph"
+            assert graphs.copies == copies, "the timed steps copied their input or output gradient"
+    return times
 
 
 def profile(layer, x, rope) -> None:
@@ -196,7 +221,8 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"# {card}, {str(dtype).replace('torch.', '')}, S={args.seq}, B={args.batch}, fwd+bwd of one layer"
           + (f", overrides {' '.join(overrides)}" if overrides else ""))
-    head = "| d | layer | ms/step | vs dense |" + (" graph ms | vs dense (graph) |" if graphs else "") + " ideal |"
+    head = "| d | layer | ms/step | vs dense |" + (" graph ms | vs dense (graph) | graph ms, 1st micro-batch | "
+                                                    "vs dense (graph, 1st) |" if graphs else "") + " ideal |"
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for hidden in args.hidden:
@@ -204,7 +230,7 @@ def main(argv=None) -> int:
         rope = rotary(args.seq, hidden // heads, device)
         x = torch.randn(args.seq, args.batch, hidden, device=device, dtype=dtype, requires_grad=True)
         dense = build_layer(hidden, heads, None, dtype, overrides).to(device=device, dtype=dtype)
-        base = {"eager": None, "graph": None}
+        base = {"eager": None, "graph": {}}
         for c in [None, *args.capacities]:
             layer = dense
             if c is not None:
@@ -217,8 +243,10 @@ def main(argv=None) -> int:
             name = "dense" if c is None else f"MoD c={c:g}"
             row = f"| {hidden} | {name} | {t:.2f} | {base['eager'] / t:.2f}x |"
             if graphs:
-                ms, ratio = _fmt(tg, base["graph"])
-                row += f" {ms} | {ratio} |"
+                for kind in ("later", "first"):
+                    ms, ratio = _fmt(tg if isinstance(tg, str) else tg[kind],
+                                     base["graph"].get(kind) if isinstance(base["graph"], dict) else None)
+                    row += f" {ms} | {ratio} |"
             print(row + f" {1 if c is None else 1 / c:.2f}x |", flush=True)
             if isinstance(tg, str):
                 print(f"#   {name}: {tg}", flush=True)

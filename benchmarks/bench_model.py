@@ -120,6 +120,7 @@ def measure(config: str, overrides: list, warmup: int, iters: int, profile: str 
               "loss": out["loss"], "losses": losses, "ms_per_step": seconds / iters * 1e3,
               "cuda_graph_layers": sum(len(g.layers) for g in trainer.graphs if g.graphed),
               "cuda_graph_replays": sum(g.replays for g in trainer.graphs),
+              "cuda_graph_writes": sum(g.writes for g in trainer.graphs),
               "package": os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["mod_megatron"].__file__)))}
     return result
 

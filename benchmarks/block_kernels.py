@@ -51,7 +51,8 @@ def report(variant: str, wall_us: float, s: dict) -> str:
     return "\n".join(lines)
 
 
-def trace(variant: str, hidden: int, seq: int, batch: int, head_dim: int, iters: int, steps: int, top: int) -> str:
+def trace(variant: str, hidden: int, seq: int, batch: int, head_dim: int, iters: int, steps: int, top: int,
+          first: bool = False) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -64,9 +65,9 @@ def trace(variant: str, hidden: int, seq: int, batch: int, head_dim: int, iters:
     capacity, _, plain = variant.partition("-")
     layer = bb.build_layer(hidden, heads, None if capacity == "dense" else float(capacity), dtype,
                            PLAIN if plain else ()).to(device=device, dtype=dtype)
-    got = bb.graphed_step(layer, x, rope)
+    got = bb.graphed_steps(layer, x, rope)
     assert not isinstance(got, str), got
-    _, step = got
+    step = got[1]["first" if first else "later"]
     for _ in range(10):
         step()
     torch.cuda.synchronize()
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--steps", type=int, default=5, help="profiled steps")
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--first", action="store_true",
+                   help="time a step's first micro-batch (weight gradients written into main_grad, not added)")
     p.add_argument("--smoke", action="store_true", help="summarise a synthetic trace (no GPU needed)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -111,7 +114,8 @@ def main(argv=None) -> int:
     bb._setup()
     print(f"# {torch.cuda.get_device_name()}, bf16, d={args.hidden}, S={args.seq}, B={args.batch}, graphed fwd+bwd")
     for variant in args.variants:
-        print(trace(variant, args.hidden, args.seq, args.batch, args.head_dim, args.iters, args.steps, args.top),
+        print(trace(variant, args.hidden, args.seq, args.batch, args.head_dim, args.iters, args.steps, args.top,
+                    args.first),
               flush=True)
         torch.cuda.empty_cache()
     return 0

@@ -3,7 +3,8 @@
     python tools/plot_block.py block.txt docs/img/block.png
 
 Reads the markdown table bench_block prints (the lines starting with `| `), draws one line per
-hidden size for eager and for CUDA-graph timings, and the ideal 1/c. Needs matplotlib (optional,
+hidden size for eager and for CUDA-graph timings (a step's later micro-batches, and, in tables that have
+the column, its first), and the ideal 1/c. Needs matplotlib (optional,
 not a dependency of the package).
 """
 from __future__ import annotations
@@ -13,18 +14,22 @@ import re
 
 
 def parse(text: str) -> dict:
-    """{d: {"c": [...], "eager": [...], "graph": [...]}} from the table rows of MoD layers."""
+    """{d: {"c": [...], "eager": [...], "graph": [...], "first": [...]}} from the table rows of MoD layers
+    ("first": the graphed first micro-batch's speed-ups, empty for tables without that column)."""
     out: dict = {}
     title = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("# ")), "")
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 6 or not cells[0].isdigit() or not cells[1].startswith("MoD c="):
             continue
-        row = out.setdefault(int(cells[0]), {"c": [], "eager": [], "graph": []})
+        row = out.setdefault(int(cells[0]), {"c": [], "eager": [], "graph": [], "first": []})
         row["c"].append(float(cells[1][len("MoD c="):]))
         row["eager"].append(float(cells[3].rstrip("x")))
-        graph = cells[5].rstrip("x")
-        row["graph"].append(float(graph) if re.fullmatch(r"[0-9.]+", graph) else None)
+        for key, i in (("graph", 5), ("first", 7)):
+            if i == 7 and len(cells) < 9:
+                continue
+            ratio = cells[i].rstrip("x")
+            row[key].append(float(ratio) if re.fullmatch(r"[0-9.]+", ratio) else None)
     return {"title": title, "rows": out}
 
 
@@ -46,7 +51,10 @@ def main(argv=None) -> int:
     ax.plot(caps, [1 / c for c in caps], "k:", label="ideal 1/c")
     for i, (d, r) in enumerate(sorted(data["rows"].items())):
         color = f"C{i}"
-        ax.plot(r["c"], r["graph"], "o-", color=color, label=f"d={d}, CUDA graphs")
+        if r["first"]:
+            ax.plot(r["c"], r["first"], "^-", color=color, label=f"d={d}, CUDA graphs, 1st micro-batch")
+        ax.plot(r["c"], r["graph"], "o-", color=color, alpha=0.8 if r["first"] else 1,
+                label=f"d={d}, CUDA graphs" + (", later micro-batches" if r["first"] else ""))
         ax.plot(r["c"], r["eager"], "s--", color=color, alpha=0.6, label=f"d={d}, eager")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)

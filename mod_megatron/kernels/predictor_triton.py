@@ -34,9 +34,12 @@ from torch.library import triton_op, wrap_triton
 
 # Launch shape: tokens per program, hidden units per program at most, input features per step, warps, stages.
 FWD = {"BT": 64, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
-# x is read once per block of BN hidden units: at H = 4096 (512 units, four reads) the kernel was slower
-# than F.linear on an H100 (212 vs 150 us per fwd+bwd; 256 units per program instead was slower still at
-# H = 2048 and 4096), so model/predictor.py takes it for up to MAX_UNITS hidden units only.
+# Over 128 hidden units (H = 2048: 256), one program takes all of them, so x is read once: at T = 16,384
+# tokens (x 67 MB, more than the L2 cache holds) 58 instead of 76 us on an H100, at T = 8,192 30 instead of
+# 33 us; the best of 32 launch shapes swept at each size (docs/benchmarks.md, fifteenth session).
+FWD_WIDE = {"BT": 64, "BN": 256, "BK": 128, "num_warps": 8, "num_stages": 3}
+# x is read once per block of BN hidden units: at H = 4096 (512 units) the kernel was slower than F.linear
+# on an H100 (212 vs 150 us per fwd+bwd), so model/predictor.py takes it for up to MAX_UNITS hidden units.
 MAX_UNITS = 256
 
 
@@ -83,7 +86,8 @@ def predictor_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch
     the router's logits x . wr [T] fp32 from the same reads of x, or an empty tensor without wr [H])."""
     t, k = x.shape
     n = w1.shape[0]
-    cfg = dict(FWD, BN=min(FWD["BN"], max(16, triton.next_power_of_2(n))))
+    base = FWD_WIDE if n > FWD["BN"] else FWD
+    cfg = dict(base, BN=min(base["BN"], max(16, triton.next_power_of_2(n))))
     h = torch.empty((t, n), dtype=x.dtype, device=x.device)
     q = torch.empty((t, n), dtype=x.dtype, device=x.device)
     parts = torch.empty((triton.cdiv(n, cfg["BN"]), t), dtype=torch.float32, device=x.device)

@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from mod_megatron.model.compiled import run
 from mod_megatron.model.fused_norm import norm_kernel_usable, norm_residual
 from mod_megatron.model.rope import rotate_cos_sin
-from mod_megatron.model.wgrad import main_grad_of, wgrad_of_weight
+from mod_megatron.model.wgrad import claimable, main_grad_of, wgrad_of_weight
 
 FUSED_LAYER_MODES = ("auto", "on", "off")
 # Arguments of TransformerLayer.forward the fused path does not model: any of them set -> megatron's path.
@@ -191,13 +191,24 @@ def layer_params(layer: TransformerLayer) -> tuple:
             n2.weight, getattr(n2, "bias", None), mlp.linear_fc1.weight, mlp.linear_fc2.weight)
 
 
+def _linear_weights(layer: TransformerLayer) -> tuple:
+    attn, mlp = layer.self_attention, layer.mlp
+    return attn.linear_qkv.weight, attn.linear_proj.weight, mlp.linear_fc1.weight, mlp.linear_fc2.weight
+
+
 def layer_fused_wgrads(layer: TransformerLayer, enabled: bool) -> Optional[tuple]:
     """For the (qkv, proj, fc1, fc2) weights, whether their GEMMs add into their main_grad (model/wgrad.py,
     which claims them here), or None for none: flags, not tensors, go into the compiled function."""
-    attn, mlp = layer.self_attention, layer.mlp
-    weights = (attn.linear_qkv.weight, attn.linear_proj.weight, mlp.linear_fc1.weight, mlp.linear_fc2.weight)
-    fused = tuple(main_grad_of(w, enabled) is not None for w in weights)
+    fused = tuple(main_grad_of(w, enabled) is not None for w in _linear_weights(layer))
     return fused if any(fused) else None
+
+
+def fused_wgrad_weights(layer) -> tuple:
+    """The weights whose gradients this layer's GEMMs will take into main_grad on its fused path in training
+    (what `layer_fused_wgrads` claims), found without claiming them; () for other layers."""
+    if not isinstance(layer, FusedTransformerLayer) or layer.fused_why_not is not None or not layer.fused_wgrad:
+        return ()
+    return tuple(w for w in _linear_weights(layer) if claimable(w, True))
 
 
 def layer_meta(layer: TransformerLayer) -> tuple:

@@ -24,6 +24,13 @@ same-card A/Bs on an H100 then gave 368M MoD +1.5%, dense +0.8%; 1.3B MoD +0.9%,
   bias), and cuBLAS ran the accumulating GEMMs into them on slow sm80 kernels; training/builder.py's
   `odd_sized_params_last` now lays the buffer out aligned.
 
+On a step's first micro-batch the GEMM writes instead of adding (beta = 0): main_grad was zeroed by DDP's
+`zero_grad_buffer`, so `main_grad = dY^T X` is the same sum without reading the fp32 buffer (4 of its 8
+bytes per parameter). First means: DDP's `grad_added_to_main_grad` was still False when the forward
+claimed the weight (`zero_grad_buffer` resets it; this module's forward sets it), and only that
+forward's backward writes. CUDA graphs bake the choice in at capture, so the graph chain captures both
+backwards (`main_grad_mode`) and picks one per micro-batch by the same flag (training/graph_chain.py).
+
 The contract with megatron-core DDP is the one its own fused linear layers use: the layer sets
 `param.grad_added_to_main_grad = True` in the forward (DDP resets it to False every step), and hands
 autograd an uninitialised gradient of the weight's shape, so that DDP's hook still fires (it marks the
@@ -32,26 +39,36 @@ chain (training/graph_chain.py) leaves parameters marked `FUSED` out of its own 
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Optional
 
 import torch
 
 FUSED = "mod_wgrad_into_main_grad"  # attribute set on a parameter whose main_grad the layer's GEMM adds into
-# weight.data_ptr() -> (weight shape, weak reference to its main_grad): set by main_grad_of, read by
-# wgrad_of_weight; weak, so that a discarded model's gradient buffers are not kept alive by this table
+# weight.data_ptr() -> [weight shape, weak reference to its main_grad, write instead of add?]: set by
+# main_grad_of, read by wgrad_of_weight; weak, so that a discarded model's gradient buffers are not kept
+# alive by this table
 _MAIN_GRADS: dict = {}
+_MODE: Optional[str] = None  # "write" or "add" forces the choice (`main_grad_mode`); None: the forward's
+MODES = ("write", "add")
 
 
 @torch.library.custom_op("mod_megatron::wgrad_into_main_grad", mutates_args=("main_grad",))
-def wgrad_into_main_grad(main_grad: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:
-    """main_grad [out, in] += grad^T x, for grad [..., out] and x [..., in], accumulated in main_grad's dtype."""
+def wgrad_into_main_grad(main_grad: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, write: bool = False) -> None:
+    """main_grad [out, in] += grad^T x, for grad [..., out] and x [..., in], accumulated in main_grad's dtype
+    (write: main_grad = grad^T x, the GEMM's beta = 0)."""
     g, a = grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1])
     if main_grad.dtype == grad.dtype:
-        torch.addmm(main_grad, g, a, out=main_grad)
-    elif main_grad.is_cuda:  # bf16 inputs, fp32 accumulator: one cuBLAS GEMM with beta = 1
-        torch.addmm(main_grad, g, a, out_dtype=main_grad.dtype, out=main_grad)
-    else:  # mixed dtypes off CUDA (out_dtype is CUDA-only): a GEMM, then the add
+        torch.mm(g, a, out=main_grad) if write else torch.addmm(main_grad, g, a, out=main_grad)
+    elif main_grad.is_cuda:  # bf16 inputs, fp32 accumulator: one cuBLAS GEMM with beta = 1 (or 0)
+        if write:
+            torch.mm(g, a, out_dtype=main_grad.dtype, out=main_grad)
+        else:
+            torch.addmm(main_grad, g, a, out_dtype=main_grad.dtype, out=main_grad)
+    elif write:  # mixed dtypes off CUDA (out_dtype is CUDA-only): a GEMM, then the copy or the add
+        main_grad.copy_(g.mm(a))
+    else:
         main_grad.add_(g.mm(a))
 
 
@@ -60,13 +77,17 @@ def wgrad_of_weight(weight: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -
     """weight's main_grad += grad^T x (`wgrad_into_main_grad`); returns the placeholder gradient for weight.
 
     The main_grad is the one `main_grad_of(weight, True)` claimed in this forward, found by the weight's
-    address; the add is hidden from the compiler on purpose (see the module's docstring)."""
+    address; the add is hidden from the compiler on purpose (see the module's docstring). It writes
+    instead where that forward was the step's first (once: a second backward adds), or as `main_grad_mode`
+    says."""
     entry = _MAIN_GRADS.get(weight.data_ptr())
     main_grad = entry[1]() if entry is not None and entry[0] == tuple(weight.shape) else None
     if main_grad is None:
         raise RuntimeError("model.fused_wgrad: no main_grad was claimed for this weight in its forward "
                            "(main_grad_of); run with --model.fused_wgrad=false")
-    wgrad_into_main_grad(main_grad, grad, x)
+    write = entry[2] if _MODE is None else _MODE == "write"
+    entry[2] = False
+    wgrad_into_main_grad(main_grad, grad, x, write)
     return torch.empty_like(weight)
 
 
@@ -81,16 +102,36 @@ def main_grad_of(weight: torch.Tensor, enabled: bool) -> Optional[torch.Tensor]:
     Only for a weight of megatron-core DDP (fp32 `main_grad` of its shape, `grad_added_to_main_grad`)
     that gets a gradient in this forward. Marks it for DDP's hook and for the CUDA-graph chain.
     """
-    main_grad = getattr(weight, "main_grad", None)
-    if (not enabled or not torch.is_grad_enabled() or not weight.requires_grad
-            or not hasattr(weight, "grad_added_to_main_grad") or not isinstance(main_grad, torch.Tensor)
-            or main_grad.dtype != torch.float32 or main_grad.shape != weight.shape
-            or main_grad.device != weight.device or not main_grad.is_contiguous()):
+    if not torch.is_grad_enabled() or not claimable(weight, enabled):
         return None
+    main_grad = weight.main_grad
+    first = not weight.grad_added_to_main_grad  # nothing added since DDP zeroed main_grad
     weight.grad_added_to_main_grad = True  # DDP's hook: the gradient is in main_grad already
     setattr(weight, FUSED, True)
-    _MAIN_GRADS[weight.data_ptr()] = (tuple(weight.shape), weakref.ref(main_grad))  # for wgrad_of_weight
+    _MAIN_GRADS[weight.data_ptr()] = [tuple(weight.shape), weakref.ref(main_grad), first]  # for wgrad_of_weight
     return main_grad
+
+
+def claimable(weight: torch.Tensor, enabled: bool) -> bool:
+    """Would `main_grad_of` claim this weight in a forward with grad on? (no side effects)"""
+    main_grad = getattr(weight, "main_grad", None)
+    return (enabled and weight.requires_grad and hasattr(weight, "grad_added_to_main_grad")
+            and isinstance(main_grad, torch.Tensor) and main_grad.dtype == torch.float32
+            and main_grad.shape == weight.shape and main_grad.device == weight.device and main_grad.is_contiguous())
+
+
+@contextlib.contextmanager
+def main_grad_mode(mode: str):
+    """Within: every fused weight gradient writes ("write") or adds ("add") whatever its forward saw; for
+    captures, whose choice every replay repeats."""
+    global _MODE
+    if mode not in MODES:
+        raise ValueError(f"main_grad_mode: {mode!r} is not one of {MODES}")
+    before, _MODE = _MODE, mode
+    try:
+        yield
+    finally:
+        _MODE = before
 
 
 def fused_into_main_grad(param: torch.Tensor) -> bool:

@@ -16,7 +16,11 @@ add each parameter's gradient to megatron-core DDP's `main_grad` themselves (wha
 after autograd; parameters without `main_grad` get theirs through autograd), and then, with
 `parallel.overlap_grad_reduce`, mark them ready in DDP's buckets as that hook does, so a full bucket
 starts its all-reduce while the backward goes on. Gradient accumulation over micro-batches, the
-gradient reduction and the optimizer are unchanged.
+gradient reduction and the optimizer are unchanged. Where the fused layer's GEMMs take the weight
+gradients into main_grad (model/wgrad.py), a step's first micro-batch (DDP's `grad_added_to_main_grad`
+flags still as `zero_grad_buffer` left them) replays a chain whose GEMMs write them, later micro-batches
+a chain whose GEMMs add; each chain is captured when a micro-batch first needs it (at one micro-batch per
+step, only the first is).
 
 What it needs (config.validate and `check_supported` say so with the fix): a CUDA device, one
 pipeline stage (1F1B keeps several micro-batches in flight; a graph holds one), no tensor
@@ -30,11 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from mod_megatron.model.fused_layer import PLAIN_IF_SET
+from mod_megatron.model.fused_layer import PLAIN_IF_SET, fused_wgrad_weights
 from mod_megatron.training import graph_chain
 
 # Arguments a TransformerLayer forward may get that the graph does not carry (those the fused layer does not
@@ -120,6 +125,15 @@ def _ensure_aux_loss_scale(device) -> None:
     set_aux_loss_scale(torch.ones(1, device=device) if cur is None else cur.detach().float().reshape(-1)[:1].to(device))
 
 
+@dataclass
+class Chain:
+    """One captured chain of the chunk's layers (graph_chain.capture_chain) for one variant."""
+
+    functions: list  # per layer: fn(x, *rope) -> y, replaying its graphs
+    links: list  # graph_chain.Link per layer
+    state: list  # per layer: the MoD attributes that point at this chain's graph tensors
+
+
 class ChunkGraphs:
     """The graphed layers of one model chunk, captured together on their first training forward."""
 
@@ -127,11 +141,14 @@ class ChunkGraphs:
         self.layers = list(layers)
         self.grads_ready = grads_ready  # called with the parameters each backward graph added to main_grad
         self.num_warmup_iters = num_warmup_iters
-        self.graphed: Optional[list] = None
-        self.links: list = []  # graph_chain.Link per layer
+        self.chains: dict = {}  # graph_chain.WRITE / ADD -> Chain, each captured when first needed
+        self.pool = None  # the chains' one graph memory pool
+        self.fused: Optional[list] = None  # parameters whose GEMMs take their gradients into main_grad
+        self.variant = graph_chain.ADD  # the chain this micro-batch replays, chosen by layer 0's forward
         self.key = None  # (shape, dtype, device, rope shape) the graphs were captured for
-        self.state: list[dict] = []  # per layer: the MoD attributes that point at graph tensors
         self.replays = 0
+        self.writes = 0  # micro-batches that replayed the WRITE chain (a step's first)
+        self._copies = [0]  # shared by every chain's links
         self.capture_s: Optional[float] = None
         for i, layer in enumerate(self.layers):
             layer.eager_forward = layer.forward
@@ -158,21 +175,42 @@ class ChunkGraphs:
         rope = kwargs.get("rotary_pos_emb")
         key = (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device,
                None if rope is None else (tuple(rope.shape), rope.dtype))
-        if self.graphed is None and i == 0:
-            self.capture(hidden_states, rope)
-            self.key = key
-        if self.graphed is None or key != self.key:
+        if i == 0 and (self.key is None or key == self.key):
+            self.variant = self._variant()
+            if self.variant not in self.chains:
+                self.capture(self.variant, hidden_states, rope)
+                self.key = key
+            for p in self.fused:  # as model/wgrad.py's forward does: DDP's hook, and the next micro-batch, see it
+                p.grad_added_to_main_grad = True
+            self.writes += self.variant == graph_chain.WRITE
+        chain = self.chains.get(self.variant)
+        if chain is None or key != self.key:
             return layer.eager_forward(hidden_states, *args, **kwargs)
-        for name, value in self.state[i].items():  # eager calls in between (evaluation) replaced them
+        for name, value in chain.state[i].items():  # eager calls in between (evaluation) replaced them
             setattr(layer, name, value)
         if hasattr(layer, "_aux_stats"):
             layer._aux_stats = None  # recomputed from this replay's tensors when read
         self.replays += 1
-        out = self.graphed[i](hidden_states, *(() if rope is None else (rope,)))
+        out = chain.functions[i](hidden_states, *(() if rope is None else (rope,)))
         return out, None
 
-    def capture(self, hidden_states, rope) -> None:
-        """Capture every layer's forward and backward on sample inputs shaped like this forward's."""
+    @property
+    def graphed(self) -> Optional[dict]:
+        """The chains captured so far (variant -> Chain), or None before the first capture."""
+        return self.chains or None
+
+    def _variant(self) -> str:
+        """WRITE if none of the weight gradients the GEMMs take went into main_grad since megatron-core DDP's
+        `zero_grad_buffer` (which zeroes main_grad and resets every `grad_added_to_main_grad`), else ADD."""
+        if self.fused is None:  # before the first capture: the weights the fused layers will claim
+            self.fused = [w for layer in self.layers for w in fused_wgrad_weights(layer)]
+        if not self.fused:
+            return graph_chain.ADD
+        return graph_chain.ADD if any(p.grad_added_to_main_grad for p in self.fused) else graph_chain.WRITE
+
+    def capture(self, variant: str, hidden_states, rope) -> None:
+        """Capture every layer's forward and backward (the `variant` chain) on sample inputs shaped like this
+        forward's."""
         import time
 
         t0 = time.perf_counter()
@@ -181,24 +219,33 @@ class ChunkGraphs:
         calls = [_LayerCall(layer, with_rope) for layer in self.layers]
         sample = hidden_states.detach().clone().requires_grad_(True)
         try:
-            self.graphed, self.links = graph_chain.capture_chain(
-                calls, sample, (rope,) if with_rope else (), num_warmup_iters=self.num_warmup_iters)
+            functions, links = graph_chain.capture_chain(
+                calls, sample, (rope,) if with_rope else (), num_warmup_iters=self.num_warmup_iters,
+                variant=variant, pool=self.pool, copies=self._copies)
         except Exception as e:  # an op that cannot be captured: one line with the way out, not a CUDA trace
             from mod_megatron.config import ConfigError
 
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise ConfigError(f"train.cuda_graphs: capturing the layers failed ({type(e).__name__}: {first}); "
                               "run with --train.cuda_graphs=false") from e
-        for link in self.links:
+        self.pool = links[0].pool  # the next chain's capture shares it
+        for link in links:
             link.grads_ready = self.grads_ready
-        self.state = [{name: getattr(layer, name) for name in ("last_routing", "_aux_inputs") if hasattr(layer, name)}
-                      for layer in self.layers]
-        self.capture_s = time.perf_counter() - t0
+        state = [{name: getattr(layer, name) for name in ("last_routing", "_aux_inputs") if hasattr(layer, name)}
+                 for layer in self.layers]
+        self.chains[variant] = Chain(functions, links, state)
+        in_gemm = [p for link in links for p in link.in_gemm]  # what the capture's forwards claimed
+        if {id(p) for p in in_gemm} != {id(p) for p in self.fused}:
+            raise RuntimeError(f"train.cuda_graphs: {len(in_gemm)} weights took their gradients in their GEMMs, "
+                               f"{len(self.fused)} were expected to (model/fused_layer.py: fused_wgrad_weights)")
+        if not self.fused:  # no GEMM takes a gradient: one chain serves every micro-batch
+            self.chains[graph_chain.WRITE] = self.chains[graph_chain.ADD] = self.chains[variant]
+        self.capture_s = (self.capture_s or 0.0) + time.perf_counter() - t0
 
     @property
     def copies(self) -> int:
         """Input and output-gradient copies the replays made so far (a chain run in order makes 2 per micro-batch)."""
-        return self.links[0].copies[0] if self.links else 0
+        return self._copies[0]
 
 
 ALLOW_DP_ENV = "MOD_MEGATRON_GRAPHS_WITH_DP"  # =1: graph anyway at DP > 1 (to measure or debug it)

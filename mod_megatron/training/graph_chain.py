@@ -17,6 +17,12 @@ that compute nothing (about 1.5 ms of a 368M-model step on an H200, docs/benchma
   non-vectorised mixed-dtype path. Parameters without `main_grad` get their gradients through
   autograd, as with make_graphed_callables.
 
+Where the fused layer's GEMMs take weight gradients into main_grad (model/wgrad.py), a chain is captured
+for one `variant`: WRITE (beta = 0: for a step's first micro-batch, whose main_grad DDP has just zeroed;
+it skips reading 4 bytes per parameter) or ADD (later micro-batches). ChunkGraphs captures each variant
+the first time a micro-batch needs it, into one memory pool: the chains' activations share memory, as
+one chain's forward and backward have run before the other's forward starts.
+
 Like make_graphed_callables, all graphs share one memory pool and are captured in the order they
 replay (forwards first to last, backwards last to first), so a step must replay them in that order:
 a forward of the whole chain, then its backward. Only tensors are graphed; every call must see the
@@ -29,7 +35,9 @@ from typing import Callable, Optional
 
 import torch
 
-from mod_megatron.model.wgrad import fused_into_main_grad
+from mod_megatron.model.wgrad import fused_into_main_grad, main_grad_mode
+
+WRITE, ADD = "write", "add"  # chain variants: the GEMMs' weight gradients written into main_grad, or added
 
 
 @dataclass
@@ -52,6 +60,9 @@ class Link:
     grad_in: Optional[torch.Tensor] = None
     returned_grads: tuple = ()
     copies: list = field(default_factory=lambda: [0])  # copies made at replay (shared by the chain)
+    in_gemm: tuple = ()  # accumulated parameters whose GEMMs take their gradients into main_grad themselves
+    variant: str = ADD  # ... and whether those GEMMs write (WRITE) or add (ADD)
+    pool: object = None  # the graph memory pool of the chain
 
 
 class _Replay(torch.autograd.Function):
@@ -116,11 +127,14 @@ def _block() -> int:
     return BLOCK
 
 
-def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iters: int = 3) -> tuple[list, list]:
+def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iters: int = 3, variant: str = ADD,
+                  pool=None, copies: Optional[list] = None) -> tuple[list, list]:
     """Graph modules `calls` (each `call(x, *args) -> y` shaped like x) as one chain.
 
     sample: an input like the first call's (requires grad); args: tensors without gradient that every
-    call gets (kept as the graphs' static inputs: a later call passing the same tensors copies nothing).
+    call gets (kept as the graphs' static inputs: a later call passing the same tensors copies nothing);
+    variant: WRITE or ADD, what the backward graphs' weight-gradient GEMMs do to main_grad (model/wgrad.py);
+    pool: a graph memory pool to capture into (a new one if None); copies: the counter the replays share.
     Returns (one function per call, fn(x, *args) -> y, differentiable in x; the Links).
     """
     params = [_grad_params(call) for call in calls]
@@ -128,7 +142,9 @@ def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iter
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # lazy initialisation (cuDNN plans, compilation) stays out of the graphs
+    # lazy initialisation (cuDNN plans, compilation) stays out of the graphs; the warm-up backwards add
+    # (zeros) into main_grad whatever DDP's flags say, as main_grad may hold this step's gradients already
+    with torch.cuda.stream(side), main_grad_mode(ADD):
         for call, ps in zip(calls, params):
             for _ in range(num_warmup_iters):
                 x = sample.detach().requires_grad_(True)
@@ -142,8 +158,8 @@ def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iter
                    [torch.zeros(_block(), device=sample.device, dtype=src_dtype)])()
     torch.cuda.synchronize()
 
-    pool = torch.cuda.graph_pool_handle()
-    links, copies = [], [0]
+    pool = torch.cuda.graph_pool_handle() if pool is None else pool
+    links, copies = [], [0] if copies is None else copies
     x = sample.detach().clone().requires_grad_(True)
     for call, ps in zip(calls, params):
         graph = torch.cuda.CUDAGraph()
@@ -152,23 +168,23 @@ def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iter
         accumulated = tuple(p for p in ps if _has_main_grad(p))
         links.append(Link(fwd=graph, static_in=x, static_args=args, out=y,
                           returned=tuple(p for p in ps if not _has_main_grad(p)), accumulated=accumulated,
-                          main_grads=tuple(p.main_grad for p in accumulated), copies=copies))
+                          main_grads=tuple(p.main_grad for p in accumulated), copies=copies, variant=variant, pool=pool))
         x = y.detach().requires_grad_(True)  # the next layer reads this layer's output where it lies
 
     grad = torch.empty_like(links[-1].out)
     for link in reversed(links):
         link.grad_out = grad
-        in_gemm = tuple(p for p in link.accumulated if fused_into_main_grad(p))  # the graph's GEMMs add these
+        link.in_gemm = tuple(p for p in link.accumulated if fused_into_main_grad(p))  # the graph's GEMMs add these
         added = tuple(p for p in link.accumulated if not fused_into_main_grad(p))
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with main_grad_mode(variant), torch.cuda.graph(graph, pool=pool):
             grads = torch.autograd.grad(link.out, (link.static_in, *link.returned, *added),
                                         grad_outputs=grad, allow_unused=True)
         if grads[0] is None:
             raise RuntimeError("train.cuda_graphs: a layer's output does not depend on its input")
         link.bwd, link.grad_in, link.returned_grads = graph, grads[0], grads[1:1 + len(link.returned)]
         got = [(p, g) for p, g in zip(added, grads[1 + len(link.returned):]) if g is not None]
-        link.added = in_gemm + tuple(p for p, _ in got)
+        link.added = link.in_gemm + tuple(p for p, _ in got)
         if got:  # the address tables are made here, between captures, from the gradients' fixed memory
             link.adder = _adder([p.main_grad for p, _ in got], [g for _, g in got])
             link.acc = torch.cuda.CUDAGraph()

@@ -15,18 +15,22 @@ from mod_megatron.model.wgrad import FUSED, fused_into_main_grad, main_grad_of, 
 from tests.conftest import TINY, seed_all, trace_fused_functions
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+LINEAR = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_the_op_adds_grad_t_x_into_main_grad(device, dtype):
+@pytest.mark.parametrize("write", [False, True], ids=["add", "write"])
+def test_the_op_adds_or_writes_grad_t_x_into_main_grad(device, dtype, write):
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(7, 3, 5, generator=gen).to(device, dtype)  # [s, b, out] of odd sizes
     x = torch.randn(7, 3, 11, generator=gen).to(device, dtype)  # [s, b, in]
     main_grad = torch.randn(5, 11, generator=gen).to(device)
-    want = main_grad + grad.reshape(-1, 5).float().t() @ x.reshape(-1, 11).float()
+    want = (0 if write else main_grad) + grad.reshape(-1, 5).float().t() @ x.reshape(-1, 11).float()
+    if write:
+        main_grad.fill_(float("nan"))  # a write never reads it
     buffer = main_grad.data_ptr()
-    wgrad_into_main_grad(main_grad, grad, x)
+    wgrad_into_main_grad(main_grad, grad, x, write)
     assert main_grad.data_ptr() == buffer and main_grad.dtype == torch.float32
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the CPU fallback rounds the GEMM's output
     torch.testing.assert_close(main_grad, want, rtol=tol, atol=tol)
@@ -73,8 +77,38 @@ def test_the_op_finds_the_claimed_main_grad_by_the_weights_address_and_nothing_e
         wgrad_of_weight(w, grad, x)
 
 
-def _ddp_step(megatron_single_rank, fused_wgrad: bool, *extra):
-    """Two micro-batches through a DDP-wrapped tiny MoD GPT on the fused path; (main grads, parameters)."""
+def test_a_steps_first_backward_writes_and_every_other_adds():
+    """The forward that finds DDP's flag reset (zero_grad_buffer) makes its backward write, once; a forward
+    after it, or main_grad_mode("add"), adds; main_grad_mode("write") writes whatever the flag says."""
+    from mod_megatron.model.wgrad import main_grad_mode, wgrad_of_weight
+
+    w = _ddp_like(torch.nn.Parameter(torch.zeros(5, 11)))
+    grad, x = torch.ones(7, 5), torch.ones(7, 11)
+    w.main_grad.fill_(100.0)  # not zeroed: shows which backward wrote
+    assert main_grad_of(w, True) is w.main_grad  # the flag was False: this forward is the step's first
+    wgrad_of_weight(w, grad, x)
+    torch.testing.assert_close(w.main_grad, torch.full((5, 11), 7.0))
+    wgrad_of_weight(w, grad, x)  # a second backward of the same forward adds
+    torch.testing.assert_close(w.main_grad, torch.full((5, 11), 14.0))
+    main_grad_of(w, True)  # the flag is set now: a later micro-batch
+    wgrad_of_weight(w, grad, x)
+    torch.testing.assert_close(w.main_grad, torch.full((5, 11), 21.0))
+    w.grad_added_to_main_grad = False  # zero_grad_buffer's reset, without its zeroing
+    main_grad_of(w, True)
+    with main_grad_mode("add"):
+        wgrad_of_weight(w, grad, x)
+    torch.testing.assert_close(w.main_grad, torch.full((5, 11), 28.0))
+    with main_grad_mode("write"):
+        wgrad_of_weight(w, grad, x)
+    torch.testing.assert_close(w.main_grad, torch.full((5, 11), 7.0))
+    with pytest.raises(ValueError, match="not one of"):
+        with main_grad_mode("overwrite"):
+            pass
+
+
+def _ddp_step(megatron_single_rank, fused_wgrad: bool, *extra, poison: bool = False):
+    """Two micro-batches through a DDP-wrapped tiny MoD GPT on the fused path; (main grads, parameters).
+    poison: after zero_grad_buffer, NaN in the main_grads of the weights whose GEMMs should write them."""
     from mod_megatron.training.builder import build_model_chunks
 
     cfg = load_config(None, TINY + ["--model.fused_layer=on", f"--model.fused_wgrad={str(fused_wgrad).lower()}",
@@ -83,6 +117,10 @@ def _ddp_step(megatron_single_rank, fused_wgrad: bool, *extra):
     (ddp,), _ = build_model_chunks(cfg, torch.device(DEVICES[-1]))
     gen = torch.Generator().manual_seed(1)
     ddp.zero_grad_buffer()
+    if poison:
+        for name, p in ddp.module.named_parameters():
+            if name.startswith("decoder.layers.") and name.endswith(LINEAR):
+                p.main_grad.fill_(float("nan"))
     for _ in range(2):  # gradient accumulation: the second micro-batch adds to the first
         tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_length + 1), generator=gen).to(DEVICES[-1])
         positions = torch.arange(cfg.model.seq_length, device=DEVICES[-1]).expand(2, -1)
@@ -96,11 +134,12 @@ def _ddp_step(megatron_single_rank, fused_wgrad: bool, *extra):
 @pytest.mark.parametrize("extra", [[], ["--parallel.overlap_grad_reduce=false"], ["--mod.enabled=false"]],
                          ids=["overlapped-reduction", "reduction-after", "dense"])
 def test_ddp_main_grads_equal_with_and_without_the_fused_weight_gradients(megatron_single_rank, extra):
+    """The first micro-batch's GEMMs write (NaN left in their main_grads shows any that would add), the
+    second's add."""
     want, unfused = _ddp_step(megatron_single_rank, False, *extra)
-    got, fused = _ddp_step(megatron_single_rank, True, *extra)
-    linear = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+    got, fused = _ddp_step(megatron_single_rank, True, *extra, poison=True)
     claimed = {n for n, p in fused.items() if fused_into_main_grad(p)}
-    assert claimed == {n for n in fused if n.startswith("decoder.layers.") and n.endswith(linear)}
+    assert claimed == {n for n in fused if n.startswith("decoder.layers.") and n.endswith(LINEAR)}
     assert len(claimed) == 4 * 4 and not any(fused_into_main_grad(p) for p in unfused.values())
     bf16 = next(iter(fused.values())).dtype == torch.bfloat16  # on a GPU
     for name, grad in want.items():

@@ -100,7 +100,7 @@ def test_a_failed_capture_is_one_line_with_the_way_out(monkeypatch):
     layer.forward = lambda hidden_states, **kwargs: (hidden_states, None)
     graphs = cuda_graphs.ChunkGraphs([layer])
     with pytest.raises(ConfigError) as err:
-        graphs.capture(torch.zeros(2, 1, 4), None)
+        graphs.capture("write", torch.zeros(2, 1, 4), None)
     msg = str(err.value)
     assert "operation not permitted" in msg and "--train.cuda_graphs=false" in msg and "\n" not in msg
     assert graphs.graphed is None
@@ -178,9 +178,12 @@ def test_graphs_add_parameter_grads_to_main_grad_as_ddp_does(gpu_process, in_gem
     """With megatron DDP's fp32 `main_grad` on the parameters, the backward graphs add the gradients there
     (param.grad stays None), summing over micro-batches to what the same graphs hand back through autograd.
     With DDP's `grad_added_to_main_grad` flag too, the four linear weights of each layer get theirs from
-    their own GEMMs (model/wgrad.py: fp32 accumulation, so within bf16 rounding of the bf16 gradients)."""
+    their own GEMMs (model/wgrad.py: fp32 accumulation, so within bf16 rounding of the bf16 gradients). A
+    micro-batch that finds the flags as zero_grad_buffer leaves them replays the chain whose GEMMs write
+    (NaN left in those main_grads would show one that adds); the ones after it replay the chain that adds."""
     from mod_megatron.model.wgrad import fused_into_main_grad
     from mod_megatron.training.cuda_graphs import ChunkGraphs
+    from mod_megatron.training.graph_chain import ADD, WRITE
 
     S, B, H = 256, 2, 256
     plain, ddp = (dense_and_mod_layers("--model.seq_length=256", "--mod.capacity=0.125",
@@ -195,7 +198,13 @@ def test_graphs_add_parameter_grads_to_main_grad_as_ddp_does(gpu_process, in_gem
     want = {n: torch.zeros_like(p.main_grad) for n, p in main.items()}
     graphs = (ChunkGraphs(plain), ChunkGraphs(ddp))
     rope, gen = rotary(S, H // 4, "cuda"), torch.Generator(device="cuda").manual_seed(2)
-    for step in range(3):
+    linear = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+    for step in range(5):
+        if step == 3:  # a new training step: zero_grad_buffer
+            for name, p in main.items():
+                p.main_grad.fill_(float("nan") if in_gemm and name.endswith(linear) else 0.0)
+                p.grad_added_to_main_grad = False
+                want[name].zero_()
         x = torch.randn(S, B, H, device="cuda", dtype=torch.bfloat16, generator=gen)
         cot = torch.randn(S, B, H, device="cuda", generator=gen)
         for name, g in layer_stack_step(plain, x, rope, cot)[2].items():
@@ -205,8 +214,9 @@ def test_graphs_add_parameter_grads_to_main_grad_as_ddp_does(gpu_process, in_gem
             h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rope)
         (h.float() * cot).sum().backward()
         assert all(p.grad is None for p in main.values())
-    assert graphs[1].replays == 6 and graphs[1].copies == 6
-    linear = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+        assert graphs[1].variant == (WRITE if in_gemm and step in (0, 3) else ADD)
+    assert graphs[1].replays == 10 and graphs[1].copies == 10 and graphs[1].writes == 2 * in_gemm
+    assert (graphs[1].chains[WRITE] is graphs[1].chains[ADD]) == (not in_gemm)  # one chain if no GEMM writes
     assert {n for n, p in main.items() if fused_into_main_grad(p)} == ({n for n in main if n.endswith(linear)}
                                                                         if in_gemm else set())
     for name, p in main.items():
@@ -229,12 +239,15 @@ def test_training_with_graphs_follows_training_without(tmp_path):
         # on by default); here in small buckets, and with the reduction after the backward instead
         "true, small buckets": ["--train.cuda_graphs=true", "--parallel.bucket_size=100000"],
         "true, reduction after": ["--train.cuda_graphs=true", "--parallel.overlap_grad_reduce=false"],
-        # weight gradients added into main_grad by the GEMMs (model/wgrad.py), eager and graphed
-        "false, fused wgrad": ["--train.cuda_graphs=false", "--model.fused_wgrad=true"],
-        "true, fused wgrad": ["--train.cuda_graphs=true", "--model.fused_wgrad=true"]})
+        # weight gradients added into main_grad by the GEMMs (model/wgrad.py, the default), eager and graphed,
+        # against autograd's gradients added by DDP's hook
+        "false, unfused wgrad": ["--train.cuda_graphs=false", "--model.fused_wgrad=false"],
+        "true, unfused wgrad": ["--train.cuda_graphs=true", "--model.fused_wgrad=false"]})
     off, on = runs["false"], runs["true"]
-    for other in ("true, small buckets", "true, reduction after", "false, fused wgrad", "true, fused wgrad"):
+    for other in ("true, small buckets", "true, reduction after", "false, unfused wgrad", "true, unfused wgrad"):
         assert runs[other]["losses"] == pytest.approx(on["losses"], abs=2e-2), other
+    # each step's first micro-batch replayed the chain whose GEMMs write main_grad
+    assert on["cuda_graph_writes"] == 8 and runs["true, unfused wgrad"]["cuda_graph_writes"] == 0
     assert off["cuda_graph_layers"] == 0 and on["cuda_graph_layers"] == 4
     assert on["cuda_graph_replays"] >= 4 * 2 * 7  # every micro-batch after the capturing one replayed
     assert len(on["losses"]) == len(off["losses"]) == 8
