@@ -17,10 +17,11 @@ after autograd; parameters without `main_grad` get theirs through autograd), and
 `parallel.overlap_grad_reduce`, mark them ready in DDP's buckets as that hook does, so a full bucket
 starts its all-reduce while the backward goes on. Gradient accumulation over micro-batches, the
 gradient reduction and the optimizer are unchanged. Where the fused layer's GEMMs take the weight
-gradients into main_grad (model/wgrad.py), a step's first micro-batch (DDP's `grad_added_to_main_grad`
-flags still as `zero_grad_buffer` left them) replays a chain whose GEMMs write them, later micro-batches
-a chain whose GEMMs add; each chain is captured when a micro-batch first needs it (at one micro-batch per
-step, only the first is).
+gradients into main_grad (model/wgrad.py) and a step has one micro-batch, each step (DDP's
+`grad_added_to_main_grad` flags still as `zero_grad_buffer` left them) replays a chain whose GEMMs write
+them; with several micro-batches per step all replay the chain whose GEMMs add (a second chain would hold
+two more [S, B, H] tensors per layer, 3.2 GiB at the 368M and 1.3B models' micro-batches, to speed up
+one micro-batch in 16 or 32). Each chain is captured when a micro-batch first needs it.
 
 What it needs (config.validate and `check_supported` say so with the fix): a CUDA device, one
 pipeline stage (1F1B keeps several micro-batches in flight; a graph holds one), no tensor
@@ -137,8 +138,9 @@ class Chain:
 class ChunkGraphs:
     """The graphed layers of one model chunk, captured together on their first training forward."""
 
-    def __init__(self, layers, num_warmup_iters: int = 3, grads_ready=None):
+    def __init__(self, layers, num_warmup_iters: int = 3, grads_ready=None, write_first: bool = True):
         self.layers = list(layers)
+        self.write_first = write_first  # a micro-batch that finds main_grad just zeroed replays the WRITE chain
         self.grads_ready = grads_ready  # called with the parameters each backward graph added to main_grad
         self.num_warmup_iters = num_warmup_iters
         self.chains: dict = {}  # graph_chain.WRITE / ADD -> Chain, each captured when first needed
@@ -204,7 +206,7 @@ class ChunkGraphs:
         `zero_grad_buffer` (which zeroes main_grad and resets every `grad_added_to_main_grad`), else ADD."""
         if self.fused is None:  # before the first capture: the weights the fused layers will claim
             self.fused = [w for layer in self.layers for w in fused_wgrad_weights(layer)]
-        if not self.fused:
+        if not self.fused or not self.write_first:
             return graph_chain.ADD
         return graph_chain.ADD if any(p.grad_added_to_main_grad for p in self.fused) else graph_chain.WRITE
 
@@ -294,13 +296,16 @@ def ddp_grads_ready(ddp):
     return ready
 
 
-def enable(chunks, num_warmup_iters: int = 3) -> list[ChunkGraphs]:
-    """Graph the decoder layers of every model chunk (DDP-wrapped or not); capture is lazy."""
+def enable(chunks, num_warmup_iters: int = 3, write_first: bool = True) -> list[ChunkGraphs]:
+    """Graph the decoder layers of every model chunk (DDP-wrapped or not); capture is lazy. write_first:
+    the WRITE chain for micro-batches that find main_grad just zeroed (give False when a step has several
+    micro-batches: see the module's docstring)."""
     graphs = []
     for chunk in chunks:
         model = getattr(chunk, "module", chunk)
         model = getattr(model, "module", model)  # Float16Module inside DDP
         layers = list(model.decoder.layers)
         if layers:
-            graphs.append(ChunkGraphs(layers, num_warmup_iters, grads_ready=ddp_grads_ready(chunk)))
+            graphs.append(ChunkGraphs(layers, num_warmup_iters, grads_ready=ddp_grads_ready(chunk),
+                                      write_first=write_first))
     return graphs

@@ -101,17 +101,18 @@ class Trainer:
             if cfg.parallel.pipeline_split == "cost":
                 layout_str = cost_aware_layout(cfg, cfg.parallel.pp)
         self._build(layout_str)
+        t = cfg.train
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * layout.dp)
         self.graphs = []  # train.cuda_graphs: per-chunk ChunkGraphs, captured on the first training forward
         self._graphs_reported = False  # the "cuda graphs: N layers captured" line, once per run
         if cfg.train.cuda_graphs:
             from mod_megatron.training import cuda_graphs
 
             cuda_graphs.check_supported(cfg, self.device, self.layout.dp)
-            self.graphs = cuda_graphs.enable(self.chunks)
+            # weight gradients written (not added) into main_grad by graphs only at one micro-batch per step
+            self.graphs = cuda_graphs.enable(self.chunks, write_first=self.num_microbatches == 1)
         self.datasets = {"train": train_ds, "valid": valid_ds, "heldout": heldout_ds}
         self.meta = dict(meta or {})
-        t = cfg.train
-        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * layout.dp)
         self.forward_backward = get_forward_backward_func()
         self.iteration = 0
         self.consumed_samples = 0
