@@ -67,6 +67,61 @@ def test_the_data_parallel_refusal_can_be_lifted_to_measure_it(monkeypatch):
                                        "--train.cuda_graphs=true"]), world_size=4)
 
 
+@pytest.mark.parametrize("write_first", [True, False], ids=["write-first", "add-only"])
+def test_a_micro_batch_replays_the_write_chain_only_after_zero_grad_buffer(megatron_single_rank, write_first):
+    """The choice alone (no capture, so on a CPU too): WRITE while every weight whose GEMM takes its gradient
+    still has DDP's `grad_added_to_main_grad` as zero_grad_buffer leaves it (False), and only where the
+    chunk asks for it; ADD once any of them is set, or with no such weight (model.fused_wgrad=false)."""
+    from mod_megatron.training.cuda_graphs import ChunkGraphs
+    from mod_megatron.training.graph_chain import ADD, WRITE
+
+    def ddp_like(*overrides):
+        layers = dense_and_mod_layers("--model.fused_layer=on", *overrides, dtype=torch.float32, device="cpu")
+        for p in (p for layer in layers for p in layer.parameters()):
+            p.main_grad = torch.zeros(p.shape)
+            p.grad_added_to_main_grad = False
+        return layers
+
+    graphs = ChunkGraphs(ddp_like(), write_first=write_first)
+    assert graphs._variant() == (WRITE if write_first else ADD)
+    linear = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+    want = [p for layer in graphs.layers for n, p in layer.named_parameters() if n.endswith(linear)]
+    assert {id(p) for p in graphs.fused} == {id(p) for p in want} and len(graphs.fused) == len(want) == 8
+    want[5].grad_added_to_main_grad = True  # one gradient went in since the buffer was zeroed
+    assert graphs._variant() == ADD
+    want[5].grad_added_to_main_grad = False
+    assert graphs._variant() == (WRITE if write_first else ADD)
+    unfused = ChunkGraphs(ddp_like("--model.fused_wgrad=false"), write_first=write_first)
+    assert unfused._variant() == ADD and unfused.fused == []
+
+
+@pytest.mark.parametrize("global_batch,write_first", [(2, True), (4, False)], ids=["one-micro-batch", "two"])
+def test_the_trainer_asks_for_the_write_chain_at_one_micro_batch_per_step(megatron_single_rank, tmp_path,
+                                                                          monkeypatch, global_batch, write_first):
+    """A second chain costs two [S, B, H] tensors per layer; with several micro-batches per step the trainer
+    keeps the one that adds (training/cuda_graphs.py)."""
+    import signal
+
+    from mod_megatron.training import cuda_graphs
+    from mod_megatron.training.distributed import Layout
+    from mod_megatron.training.trainer import Trainer
+
+    asked = {}
+    monkeypatch.setattr(cuda_graphs, "check_supported", lambda *args, **kwargs: None)  # a CPU here
+    monkeypatch.setattr(cuda_graphs, "enable", lambda chunks, **kwargs: asked.update(kwargs) or [])
+    cfg = load_config(None, TINY + ["--checkpoint.load=false", f"--logging.dir={tmp_path}", "--logging.tensorboard=false",
+                                    "--logging.progress_bar=false", "--train.cuda_graphs=true",
+                                    "--train.micro_batch_size=2", f"--train.global_batch_size={global_batch}"])
+    layout = Layout(rank=0, world_size=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0, device=torch.device("cpu"))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        trainer = Trainer(cfg, layout, None, None, None)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert trainer.num_microbatches == global_batch // 2 and asked == {"write_first": write_first}
+
+
 @pytest.mark.skipif(CUDA, reason="CPU tensors only; on a GPU the tests below cover the graphed path")
 def test_wrapped_layers_run_eagerly_where_nothing_can_be_graphed(build_gpt):
     """CPU tensors (and evaluation) go down the eager path unchanged: same loss, same grads."""
