@@ -10,7 +10,10 @@ replayed, as `train.cuda_graphs` does in training (shapes are static, and so is 
 CPU's launch and Python overhead, which bounds small routed blocks. As in training, the parameters
 carry megatron-core DDP's fp32 `main_grad` buffers, which the backward graph adds their gradients to;
 as in a chain of graphed layers in training, each step reads the graph's own input and output-gradient
-buffers in place (until the eleventh session the lone graphed layer copied both in every step). Config overrides (`--mod.predictor=false`, `--mod.fused_routing=off`)
+buffers in place (until the eleventh session the lone graphed layer copied both in every step). Two
+graphed columns: a later micro-batch of a step (the weight-gradient GEMMs add into main_grad) and a
+step's first micro-batch (they write it, as at one micro-batch per step: model/wgrad.py), each the best
+of 3 rounds taken in turns. Config overrides (`--mod.predictor=false`, `--mod.fused_routing=off`)
 apply to every layer built.
 """
 from __future__ import annotations
