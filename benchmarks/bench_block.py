@@ -132,7 +132,7 @@ def graphed_steps(layer, x, rope):
     buffer's own zeroing, once per step for the whole model, is not timed.
     """
     from mod_megatron.training.cuda_graphs import ChunkGraphs
-    from mod_megatron.training.graph_chain import ADD, WRITE
+    from mod_megatron.model.wgrad import ADD, WRITE
 
     graphs = ChunkGraphs([with_main_grads(layer)])
     grad = output_grad(x)

@@ -51,8 +51,9 @@ FUSED = "mod_wgrad_into_main_grad"  # attribute set on a parameter whose main_gr
 # main_grad_of, read by wgrad_of_weight; weak, so that a discarded model's gradient buffers are not kept
 # alive by this table
 _MAIN_GRADS: dict = {}
-_MODE: Optional[str] = None  # "write" or "add" forces the choice (`main_grad_mode`); None: the forward's
-MODES = ("write", "add")
+WRITE, ADD = "write", "add"  # what a weight-gradient GEMM does to main_grad (`main_grad_mode`; the graph chains')
+MODES = (WRITE, ADD)
+_MODE: Optional[str] = None  # WRITE or ADD forces the choice (`main_grad_mode`); None: the forward's
 
 
 @torch.library.custom_op("mod_megatron::wgrad_into_main_grad", mutates_args=("main_grad",))
@@ -86,7 +87,7 @@ def wgrad_of_weight(weight: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -
     if main_grad is None:
         raise RuntimeError("model.fused_wgrad: no main_grad was claimed for this weight in its forward "
                            "(main_grad_of); run with --model.fused_wgrad=false")
-    write = entry[2] if _MODE is None else _MODE == "write"
+    write = entry[2] if _MODE is None else _MODE == WRITE
     entry[2] = False
     wgrad_into_main_grad(main_grad, grad, x, write)
     return torch.empty_like(weight)

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from mod_megatron.model.fused_layer import PLAIN_IF_SET, fused_wgrad_weights
+from mod_megatron.model.wgrad import ADD, WRITE
 from mod_megatron.training import graph_chain
 
 # Arguments a TransformerLayer forward may get that the graph does not carry (those the fused layer does not
@@ -143,10 +144,10 @@ class ChunkGraphs:
         self.write_first = write_first  # a micro-batch that finds main_grad just zeroed replays the WRITE chain
         self.grads_ready = grads_ready  # called with the parameters each backward graph added to main_grad
         self.num_warmup_iters = num_warmup_iters
-        self.chains: dict = {}  # graph_chain.WRITE / ADD -> Chain, each captured when first needed
+        self.chains: dict = {}  # WRITE / ADD -> Chain, each captured when first needed
         self.pool = None  # the chains' one graph memory pool
         self.fused: Optional[list] = None  # parameters whose GEMMs take their gradients into main_grad
-        self.variant = graph_chain.ADD  # the chain this micro-batch replays, chosen by layer 0's forward
+        self.variant = ADD  # the chain this micro-batch replays, chosen by layer 0's forward
         self.key = None  # (shape, dtype, device, rope shape) the graphs were captured for
         self.replays = 0
         self.writes = 0  # micro-batches that replayed the WRITE chain (a step's first)
@@ -184,7 +185,7 @@ class ChunkGraphs:
                 self.key = key
             for p in self.fused:  # as model/wgrad.py's forward does: DDP's hook, and the next micro-batch, see it
                 p.grad_added_to_main_grad = True
-            self.writes += self.variant == graph_chain.WRITE
+            self.writes += self.variant == WRITE
         chain = self.chains.get(self.variant)
         if chain is None or key != self.key:
             return layer.eager_forward(hidden_states, *args, **kwargs)
@@ -207,8 +208,8 @@ class ChunkGraphs:
         if self.fused is None:  # before the first capture: the weights the fused layers will claim
             self.fused = [w for layer in self.layers for w in fused_wgrad_weights(layer)]
         if not self.fused or not self.write_first:
-            return graph_chain.ADD
-        return graph_chain.ADD if any(p.grad_added_to_main_grad for p in self.fused) else graph_chain.WRITE
+            return ADD
+        return ADD if any(p.grad_added_to_main_grad for p in self.fused) else WRITE
 
     def capture(self, variant: str, hidden_states, rope) -> None:
         """Capture every layer's forward and backward (the `variant` chain) on sample inputs shaped like this
@@ -241,7 +242,7 @@ class ChunkGraphs:
             raise RuntimeError(f"train.cuda_graphs: {len(in_gemm)} weights took their gradients in their GEMMs, "
                                f"{len(self.fused)} were expected to (model/fused_layer.py: fused_wgrad_weights)")
         if not self.fused:  # no GEMM takes a gradient: one chain serves every micro-batch
-            self.chains[graph_chain.WRITE] = self.chains[graph_chain.ADD] = self.chains[variant]
+            self.chains[WRITE] = self.chains[ADD] = self.chains[variant]
         self.capture_s = (self.capture_s or 0.0) + time.perf_counter() - t0
 
     @property

@@ -35,9 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mod_megatron.model.wgrad import fused_into_main_grad, main_grad_mode
-
-WRITE, ADD = "write", "add"  # chain variants: the GEMMs' weight gradients written into main_grad, or added
+from mod_megatron.model.wgrad import ADD, fused_into_main_grad, main_grad_mode
 
 
 @dataclass
@@ -61,7 +59,6 @@ class Link:
     returned_grads: tuple = ()
     copies: list = field(default_factory=lambda: [0])  # copies made at replay (shared by the chain)
     in_gemm: tuple = ()  # accumulated parameters whose GEMMs take their gradients into main_grad themselves
-    variant: str = ADD  # ... and whether those GEMMs write (WRITE) or add (ADD)
     pool: object = None  # the graph memory pool of the chain
 
 
@@ -168,7 +165,7 @@ def capture_chain(calls, sample: torch.Tensor, args: tuple = (), num_warmup_iter
         accumulated = tuple(p for p in ps if _has_main_grad(p))
         links.append(Link(fwd=graph, static_in=x, static_args=args, out=y,
                           returned=tuple(p for p in ps if not _has_main_grad(p)), accumulated=accumulated,
-                          main_grads=tuple(p.main_grad for p in accumulated), copies=copies, variant=variant, pool=pool))
+                          main_grads=tuple(p.main_grad for p in accumulated), copies=copies, pool=pool))
         x = y.detach().requires_grad_(True)  # the next layer reads this layer's output where it lies
 
     grad = torch.empty_like(links[-1].out)

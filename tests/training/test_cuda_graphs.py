@@ -73,7 +73,7 @@ def test_a_micro_batch_replays_the_write_chain_only_after_zero_grad_buffer(megat
     still has DDP's `grad_added_to_main_grad` as zero_grad_buffer leaves it (False), and only where the
     chunk asks for it; ADD once any of them is set, or with no such weight (model.fused_wgrad=false)."""
     from mod_megatron.training.cuda_graphs import ChunkGraphs
-    from mod_megatron.training.graph_chain import ADD, WRITE
+    from mod_megatron.model.wgrad import ADD, WRITE
 
     def ddp_like(*overrides):
         layers = dense_and_mod_layers("--model.fused_layer=on", *overrides, dtype=torch.float32, device="cpu")
@@ -238,7 +238,7 @@ def test_graphs_add_parameter_grads_to_main_grad_as_ddp_does(gpu_process, in_gem
     (NaN left in those main_grads would show one that adds); the ones after it replay the chain that adds."""
     from mod_megatron.model.wgrad import fused_into_main_grad
     from mod_megatron.training.cuda_graphs import ChunkGraphs
-    from mod_megatron.training.graph_chain import ADD, WRITE
+    from mod_megatron.model.wgrad import ADD, WRITE
 
     S, B, H = 256, 2, 256
     plain, ddp = (dense_and_mod_layers("--model.seq_length=256", "--mod.capacity=0.125",
