@@ -82,6 +82,9 @@ class MoEConfig:
     capacity_factor: Optional[float] = None  # null = dropless; else drop tokens beyond capacity
     pad_to_capacity: bool = False  # with capacity_factor: pad every expert's input to capacity
     ffn_hidden_size: Optional[int] = None  # per-expert FFN size; null = the model's ffn size
+    # experts' MLPs as two grouped GEMMs (torch._grouped_mm; moe/grouped.py): auto (bf16 on sm90+ GPUs) | on | off
+    # (off: megatron's SequentialMLP, one expert after another)
+    grouped_gemm: str = "auto"
 
 
 @dataclass
@@ -446,6 +449,7 @@ def _validate_moe(cfg: Config) -> None:
            f"moe.capacity_factor must be > 0 or null (dropless), got {e.capacity_factor}")
     _check(not e.pad_to_capacity or e.capacity_factor is not None, "moe.pad_to_capacity=true needs moe.capacity_factor")
     _check(e.ffn_hidden_size is None or e.ffn_hidden_size > 0, f"moe.ffn_hidden_size must be > 0 or null, got {e.ffn_hidden_size}")
+    _check(e.grouped_gemm in ("auto", "on", "off"), f"moe.grouped_gemm must be auto, on or off, got {e.grouped_gemm!r}")
     _check(p.tp == 1 or p.sp, "MoE with parallel.tp > 1 needs parallel.sp=true (megatron-core's MoELayer refuses TP without SP)")
     _check(getattr(cfg.train, "engine", "megatron") == "megatron",
            "MoE layers (moe.num_experts > 0) need --train.engine=megatron (expert parallelism is megatron-core's)")

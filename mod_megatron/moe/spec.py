@@ -3,9 +3,10 @@
 A MoE layer is the same layer spec as a dense (or MoD) layer with its `mlp` replaced by megatron-core's
 local MoE spec (`get_gpt_layer_local_spec(num_experts=..., moe_grouped_gemm=False)`: MoELayer, the
 alltoall dispatcher, SequentialMLP experts), whose router is `MoDERouter` and whose experts are
-`SequentialExperts` (moe/experts.py: SequentialMLP whose grads are reduced over the expert-data-parallel
-group). Dense, MoD, MoE, staged MoDE (MoD layer + MoE MLP) and integrated MoDE (MoE MLP with no-op
-experts) models differ only in this per-layer list (mod_megatron/model/spec.py).
+`GroupedExperts` (moe/grouped.py: megatron's SequentialMLP, its grads reduced over the
+expert-data-parallel group as in moe/experts.py, its forward two grouped GEMMs where
+`moe.grouped_gemm` allows). Dense, MoD, MoE, staged MoDE (MoD layer + MoE MLP) and integrated MoDE
+(MoE MLP with no-op experts) models differ only in this per-layer list (mod_megatron/model/spec.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from mod_megatron.config import Config, ffn_hidden, is_moe_layer
-from mod_megatron.moe.experts import SequentialExperts
+from mod_megatron.moe.grouped import GroupedExperts
 from mod_megatron.moe.router import MoDERouter
 
 
@@ -27,7 +28,8 @@ def moe_mlp_spec(cfg: Config) -> ModuleSpec:
                                      normalization=cfg.model.normalization)
     spec = copy.deepcopy(layer.submodules.mlp)
     spec.submodules.shared_experts = None
-    spec.submodules.experts.module = SequentialExperts
+    spec.submodules.experts.module = GroupedExperts  # SequentialExperts with a grouped-GEMM forward
+    spec.submodules.experts.params = {**(spec.submodules.experts.params or {}), "mode": e.grouped_gemm}
     spec.submodules.router = functools.partial(MoDERouter, noop_experts=e.noop_experts, noop_target=e.noop_target)
     return spec
 

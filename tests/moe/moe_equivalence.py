@@ -30,6 +30,8 @@ EXPERTS = ["--moe.num_experts=4", "--moe.topk=2", "--moe.ffn_hidden_size=64", "-
 # Integrated MoDE: no MoD router; one no-op expert among the 4 real ones, target share 0.25.
 VARIANTS = {
     "staged": EXPERTS,
+    # the same with the experts as two grouped GEMMs (moe/grouped.py; compared with "staged"'s loop)
+    "staged_grouped": EXPERTS + ["--moe.grouped_gemm=on"],
     "integrated": EXPERTS + ["--mod.enabled=false", "--moe.noop_experts=1", "--moe.noop_target=0.25"],
     "integrated_bias": EXPERTS + ["--mod.enabled=false", "--moe.noop_experts=1", "--moe.noop_target=0.25",
                                   "--moe.score_function=sigmoid", "--moe.expert_bias=true",
@@ -128,8 +130,10 @@ def reference(variant: str) -> dict:
     return result
 
 
-def run(variant: str, world_size: int, tp: int = 1, ep: int = 1, dp_opt: bool = False, pp: int = 1) -> list[dict]:
-    fn = partial(train_steps, full_state=reference(variant)["initial"])
+def run(variant: str, world_size: int, tp: int = 1, ep: int = 1, dp_opt: bool = False, pp: int = 1,
+        start_from: Optional[str] = None) -> list[dict]:
+    """The layout's ranks, from the initial parameters of `start_from`'s (default: the variant's) single rank."""
+    fn = partial(train_steps, full_state=reference(start_from or variant)["initial"])
     return run_layout(fn, world_size, tp=tp, pp=pp, sp=tp > 1, ep=ep, dp_opt=dp_opt, overrides=overrides(variant))
 
 

@@ -46,6 +46,15 @@ def test_expert_parallel_matches_single_rank(variant, world, tp, ep, pp):
     assert diff["bias"] == 0.0, diff
 
 
+@pytest.mark.parametrize("world,tp,ep", [(2, 1, 2), (2, 2, 1)], ids=["EP2", "TP2+SP"])
+def test_grouped_experts_in_a_layout_match_the_loop_on_one_rank(world, tp, ep):
+    """moe.grouped_gemm=on (torch's grouped GEMM on CPU) in a layout against megatron's expert loop on one rank."""
+    diff = meq.compare("staged", meq.run("staged_grouped", world, tp=tp, ep=ep, start_from="staged"))
+    assert diff["loss"] <= LOSS_ATOL, diff
+    assert diff["grad"] <= GRAD_ATOL, diff
+    assert diff["param"] <= PARAM_ATOL, diff
+
+
 def test_distributed_optimizer_with_expert_parallel():
     """Losses and parameters only: each rank's reduced gradient is a shard here (measured Δparam 1.4e-6)."""
     ref = meq.reference("integrated")
