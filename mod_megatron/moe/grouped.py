@@ -8,7 +8,7 @@ package. Here the rows of every expert go through torch's own grouped GEMM (`tor
 CUTLASS kernels on sm90) at once:
 
     h = x @ W1[e].T   for the rows of expert e      [T, ffn]     one grouped GEMM
-    h = act(h) * prob                                             one fused elementwise pass
+    h = act(h) * prob                                             elementwise, eager
     y = h @ W2[e].T                                   [T, hidden]  one grouped GEMM
 
 with the same math as megatron's MLP (no biases; GeLU, or SwiGLU gated; the probability applied
@@ -17,6 +17,8 @@ after the activation, rounded to the input's dtype). The parameters stay Sequent
 parallelism and the spec are unchanged: each forward stacks them into [E, out, in] (one copy of
 the expert weights), and the backward computes each expert's weight gradient in that [out, in]
 layout (dW_e = dY_e^T X_e, one grouped GEMM), so every expert receives a contiguous gradient.
+The elementwise part stays megatron's three passes (the activation, an fp32 product, its rounding);
+compiling it was measured and dropped (docs/benchmarks.md, sixteenth session).
 
 Modes: `auto` takes this path for bf16 CUDA tensors on sm90+ (where the grouped kernels are
 CUTLASS's), `on` everywhere torch runs `_grouped_mm` (its CPU version is how the tests compare the

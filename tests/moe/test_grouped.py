@@ -108,7 +108,7 @@ def test_auto_keeps_cpu_tensors_on_megatrons_loop(megatron_single_rank, build_gp
     assert experts and not any(m.uses_grouped(torch.zeros(2, 2, dtype=torch.bfloat16)) for m in experts)
 
 
-def test_configs_the_path_does_not_model_are_refused_or_left_on_the_loop(megatron_single_rank, build_gpt):
+def test_configs_the_path_does_not_model_are_refused_or_left_on_the_loop(megatron_single_rank):
     from mod_megatron.config import ConfigError, load_config
     from mod_megatron.model.gpt import transformer_config
 
