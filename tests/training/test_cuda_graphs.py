@@ -297,26 +297,33 @@ def test_training_with_graphs_follows_training_without(tmp_path):
         # weight gradients added into main_grad by the GEMMs (model/wgrad.py, the default), eager and graphed,
         # against autograd's gradients added by DDP's hook
         "false, unfused wgrad": ["--train.cuda_graphs=false", "--model.fused_wgrad=false"],
-        "true, unfused wgrad": ["--train.cuda_graphs=true", "--model.fused_wgrad=false"],
-        # one micro-batch per step: each step's graphs write the weight gradients into main_grad
-        **{f"{g}, one micro-batch": [f"--train.cuda_graphs={g}", "--train.global_batch_size=4"] for g in ("false", "true")},
-        "false, one micro-batch, unfused wgrad": ["--train.cuda_graphs=false", "--train.global_batch_size=4",
-                                                  "--model.fused_wgrad=false"]})
+        "true, unfused wgrad": ["--train.cuda_graphs=true", "--model.fused_wgrad=false"]})
     off, on = runs["false"], runs["true"]
     for other in ("true, small buckets", "true, reduction after", "false, unfused wgrad", "true, unfused wgrad"):
         assert runs[other]["losses"] == pytest.approx(on["losses"], abs=2e-2), other
-    # two micro-batches per step: the graphs only add (no second chain); one per step: every step writes
+    # two micro-batches per step: the graphs only add (no second chain)
     assert on["cuda_graph_writes"] == 0 and runs["true, unfused wgrad"]["cuda_graph_writes"] == 0
-    one = runs["true, one micro-batch"]
-    assert one["cuda_graph_writes"] == 8 and one["cuda_graph_replays"] == 4 * 8
-    for other in ("false, one micro-batch", "false, one micro-batch, unfused wgrad"):
-        assert runs[other]["losses"] == pytest.approx(one["losses"], abs=2e-2), other
-    assert len(set(one["losses"])) == 8
     assert off["cuda_graph_layers"] == 0 and on["cuda_graph_layers"] == 4
     assert on["cuda_graph_replays"] >= 4 * 2 * 7  # every micro-batch after the capturing one replayed
     assert len(on["losses"]) == len(off["losses"]) == 8
     assert on["losses"] == pytest.approx(off["losses"], abs=2e-2)
     assert len(set(on["losses"])) == 8  # the graphed steps really update the weights
+
+
+@needs_cuda
+def test_training_with_graphs_at_one_micro_batch_writes_every_step(tmp_path):
+    """One micro-batch per step: each step's graphs write the weight gradients into main_grad (the WRITE
+    chain), and train as the eager path does, with fused and with autograd's weight gradients. A test of
+    its own (3 trainer runs) so that a device call can run it alone."""
+    runs = tiny_trainer_runs(tmp_path, {
+        **{f"{g}, one micro-batch": [f"--train.cuda_graphs={g}", "--train.global_batch_size=4"] for g in ("false", "true")},
+        "false, one micro-batch, unfused wgrad": ["--train.cuda_graphs=false", "--train.global_batch_size=4",
+                                                  "--model.fused_wgrad=false"]})
+    one = runs["true, one micro-batch"]
+    assert one["cuda_graph_writes"] == 8 and one["cuda_graph_replays"] == 4 * 8
+    for other in ("false, one micro-batch", "false, one micro-batch, unfused wgrad"):
+        assert runs[other]["losses"] == pytest.approx(one["losses"], abs=2e-2), other
+    assert len(set(one["losses"])) == 8
 
 
 def test_grads_ready_launches_the_overlapped_reduction_as_ddps_hook_does(request):
