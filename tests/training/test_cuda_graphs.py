@@ -236,9 +236,8 @@ def test_graphs_add_parameter_grads_to_main_grad_as_ddp_does(gpu_process, in_gem
     their own GEMMs (model/wgrad.py: fp32 accumulation, so within bf16 rounding of the bf16 gradients). A
     micro-batch that finds the flags as zero_grad_buffer leaves them replays the chain whose GEMMs write
     (NaN left in those main_grads would show one that adds); the ones after it replay the chain that adds."""
-    from mod_megatron.model.wgrad import fused_into_main_grad
+    from mod_megatron.model.wgrad import ADD, WRITE, fused_into_main_grad
     from mod_megatron.training.cuda_graphs import ChunkGraphs
-    from mod_megatron.model.wgrad import ADD, WRITE
 
     S, B, H = 256, 2, 256
     plain, ddp = (dense_and_mod_layers("--model.seq_length=256", "--mod.capacity=0.125",
